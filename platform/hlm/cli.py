@@ -1,0 +1,52 @@
+"""What every job shares: the `--config`/`--set` flags, logging, seeding, and echoing the config it ran."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hlm.config import Config, ConfigError, load_config
+
+logger = logging.getLogger("hlm")
+
+
+def job_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, help="YAML config (typed; see hlm/config.py)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. --set embed.batch_size=128 (repeatable)")
+    return parser
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from packages or paths, never a hub
+
+
+def start_job(name: str, args: argparse.Namespace, out_dir: Path | None = None,
+              schema: type[Config] = Config) -> Config:
+    """Logging, config (printed, and saved into `out_dir` when given), seeds. Exits 2 on a bad config."""
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides, schema)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    logger.info("%s: config\n%s", name, cfg.to_yaml())
+    if out_dir is not None:
+        cfg.save(Path(out_dir) / f"{name}.config.yaml")
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    try:
+        import torch
+
+        torch.manual_seed(cfg.seed)
+    except ImportError:
+        pass
+    return cfg

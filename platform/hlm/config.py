@@ -1,0 +1,141 @@
+"""Typed job configuration: defaults here, a YAML file over them, then dotted `--set` overrides.
+
+Order of precedence (last wins): field defaults → the profile's defaults (`cpu` | `gpu`) → the YAML
+file → `--set key.sub=value`. One switch, `profile`, selects device, dtype and batch sizes. An unknown
+key is an error that names it. Every job prints and saves the config it ran with.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+logger = logging.getLogger(__name__)
+
+
+class Profile(StrEnum):
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class Pooling(StrEnum):
+    mean = "mean"
+    cls = "cls"
+    last_token = "last_token"  # decoder models (Qwen3-Embedding style): the final non-padding token
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+
+class Runtime(_Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' = bfloat16 on CUDA, float32 on CPU")
+
+
+class ModelRef(_Section):
+    """Which encoder to load: a folder saved by `Encoder.save`, an HF folder, or `teacher-default`/`student-default`."""
+
+    model: str
+    pooling: Pooling | None = Field(None, description="override the folder's pooling (None = keep)")
+    max_length: int | None = Field(None, gt=0, description="override the folder's max tokens (None = keep)")
+    query_prompt: str | None = Field(None, description="instruction prefixed to queries only (None = keep)")
+
+
+class EmbedJob(_Section):
+    """Ray Data batch inference of the teacher (or any encoder) over ads or queries."""
+
+    batch_size: int = Field(64, gt=0, description="rows per encoder call")
+    num_actors: int = Field(1, gt=0, description="encoder replicas in the actor pool")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per encoder actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per encoder actor (1 on A100 workers)")
+    rows_per_file: int = Field(50_000, gt=0, description="output rows per Parquet file (a hint)")
+
+
+class Config(_Section):
+    profile: Profile = Profile.cpu
+    seed: int = 0
+    runtime: Runtime = Runtime()
+    teacher: ModelRef = ModelRef(model="teacher-default")
+    student: ModelRef = ModelRef(model="student-default")
+    embed: EmbedJob = EmbedJob()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+
+# What `profile: gpu` changes; anything the user sets explicitly still wins.
+PROFILES: dict[Profile, dict[str, Any]] = {
+    Profile.cpu: {"runtime": {"device": "cpu", "dtype": "float32"}},
+    Profile.gpu: {
+        "runtime": {"device": "cuda", "dtype": "bfloat16"},
+        "embed": {"batch_size": 512, "num_gpus": 1.0, "num_cpus": 4.0},
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-5' -> (['train', 'lr'], 3e-05); the value is read as YAML so types come out right."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from e
+    return key.strip().split("."), value
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                schema: type[Config] = Config) -> Config:
+    """Build a validated config from an optional YAML file and `key.sub=value` overrides."""
+    user: dict[str, Any] = {}
+    if path is not None:
+        try:
+            user = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read config ({e})") from e
+        if not isinstance(user, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping, got {type(user).__name__}")
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = user
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{k}' is not a section")
+        node[keys[-1]] = value
+    try:
+        profile = Profile(user.get("profile", Profile.cpu.value))
+    except ValueError as e:
+        raise ConfigError(f"profile: must be one of {[p.value for p in Profile]}, got {user.get('profile')!r}") from e
+    merged = _deep_merge(PROFILES[profile], user)
+    try:
+        return schema.model_validate(merged)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{path or 'config'}: {problems}") from e
