@@ -1,0 +1,203 @@
+"""The one encoder contract for teacher, student, jobs and Serve: `encode(texts) -> float32 (n, d)`.
+
+An :class:`Encoder` is a Hugging Face backbone plus pooling, optional L2 normalisation, an optional query
+instruction and an optional linear projection into a wider (teacher) space. Its settings live in a small
+JSON beside the HF files (`hlm_encoder.json`), so pooling, normalisation and the projection are never
+silent defaults in callers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from hlm.config import ModelRef, Pooling, Runtime
+from hlm.space import Space
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_FILE = "hlm_encoder.json"
+PROJECTION_FILE = "projection.safetensors"
+Kind = Literal["query", "ad"]
+
+
+@dataclass
+class EncoderSettings:
+    pooling: Pooling = Pooling.mean
+    normalize: bool = True
+    max_length: int = 64
+    query_prompt: str = ""
+    projection_dim: int | None = None  # output width of the projection head; None = no head
+    target_space: str | None = None  # fingerprint of the space a student was aligned to
+    weights_sha256: str = ""  # of the backbone weights as saved; part of the space fingerprint
+    source: str = ""  # where the weights came from, for people reading the folder
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "pooling": self.pooling.value}, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EncoderSettings:
+        raw = json.loads(text)
+        return cls(**{**raw, "pooling": Pooling(raw["pooling"])})
+
+
+def resolve_device(runtime: Runtime | None = None) -> tuple[torch.device, torch.dtype]:
+    """'auto' → CUDA with bf16 when present, else CPU with fp32."""
+    runtime = runtime or Runtime()
+    cuda = torch.cuda.is_available() if runtime.device == "auto" else runtime.device == "cuda"
+    dtype_name = runtime.dtype if runtime.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    return torch.device("cuda" if cuda else "cpu"), getattr(torch, dtype_name)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 over the folder's weight files in name order (one file: that file's own sha256)."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    files = [f for f in files if f.name != PROJECTION_FILE]
+    if len(files) == 1:
+        return sha256_file(files[0])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def pool(hidden: Tensor, mask: Tensor, pooling: Pooling) -> Tensor:
+    """hidden (B, T, h), mask (B, T) of right-padded tokens -> (B, h)."""
+    if pooling is Pooling.cls:
+        return hidden[:, 0]
+    if pooling is Pooling.last_token:
+        last = mask.sum(dim=1) - 1  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+
+
+class Encoder(nn.Module):
+    def __init__(self, backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: EncoderSettings):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "right"  # pool() indexes the last real token from the right
+        self.settings = settings
+        width = backbone.config.hidden_size
+        self.projection = nn.Linear(width, settings.projection_dim, bias=False) if settings.projection_dim else None
+        if self.projection is not None:
+            self.projection.to(device=backbone.device, dtype=backbone.dtype)
+
+    # ------------------------------------------------------------------------------------------ identity
+    @property
+    def dim(self) -> int:
+        return self.settings.projection_dim or self.backbone.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    @property
+    def own_space(self) -> Space:
+        s = self.settings
+        return Space(s.weights_sha256, s.pooling.value, s.normalize, self.dim, s.query_prompt)
+
+    @property
+    def space(self) -> str:
+        """Fingerprint of the space this encoder's outputs live in (a student's is its teacher's)."""
+        return self.settings.target_space or self.own_space.fingerprint
+
+    def describe_space(self) -> dict:
+        """What embeddings files and index manifests record about this encoder's space."""
+        s = self.settings
+        return {"fingerprint": self.space, "model": s.source, "pooling": s.pooling.value, "dim": self.dim,
+                "normalized": s.normalize, "query_prompt": s.query_prompt}
+
+    # ------------------------------------------------------------------------------------------ compute
+    def tokenize(self, texts: list[str], kind: Kind = "query") -> dict[str, Tensor]:
+        if kind == "query" and self.settings.query_prompt:
+            texts = [self.settings.query_prompt + t for t in texts]
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.settings.max_length,
+                               return_tensors="pt", return_token_type_ids=False)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Tokenised batch -> embeddings (B, d), with gradients; the training loops call this."""
+        hidden = self.backbone(**batch).last_hidden_state  # (B, T, h)
+        emb = pool(hidden, batch["attention_mask"], self.settings.pooling)  # (B, h)
+        if self.projection is not None:
+            emb = self.projection(emb)  # (B, d)
+        return F.normalize(emb, dim=-1) if self.settings.normalize else emb
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], *, kind: Kind = "query", batch_size: int = 64) -> np.ndarray:
+        """texts -> float32 (n, d). Batches are formed by length to cut padding; output keeps input order."""
+        texts = list(texts)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        was_training = self.training
+        self.eval()
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            emb = self(self.tokenize([texts[i] for i in idx], kind))  # (b, d)
+            out[idx] = emb.float().cpu().numpy()
+        self.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------------------------------ persistence
+    def save(self, folder: str | Path) -> Path:
+        """HF files + projection + `hlm_encoder.json`; the weights hash is recomputed from what was written."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        if self.projection is not None:
+            save_file({"weight": self.projection.weight.detach().float().cpu().contiguous()}, folder / PROJECTION_FILE)
+        self.settings = replace(self.settings, weights_sha256=weights_sha256(folder))
+        (folder / SETTINGS_FILE).write_text(self.settings.to_json())
+        return folder
+
+    @classmethod
+    def load(cls, ref: str | Path | ModelRef, runtime: Runtime | None = None) -> Encoder:
+        """Load a saved encoder, a plain HF folder, or `teacher-default`/`student-default` (never a hub)."""
+        from safetensors.torch import load_file
+
+        from hlm.pretrained import resolve_model
+
+        ref = ref if isinstance(ref, ModelRef) else ModelRef(model=str(ref))
+        folder, settings = resolve_model(ref.model)
+        overrides = {k: v for k, v in (("pooling", ref.pooling), ("max_length", ref.max_length),
+                                       ("query_prompt", ref.query_prompt)) if v is not None}
+        settings = replace(settings, **overrides)
+        device, dtype = resolve_device(runtime)
+        backbone = AutoModel.from_pretrained(folder, dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        encoder = cls(backbone, tokenizer, settings)
+        if encoder.projection is not None:
+            weight = load_file(folder / PROJECTION_FILE)["weight"]
+            encoder.projection.weight.data.copy_(weight.to(device=device, dtype=dtype))
+        logger.info("loaded encoder %s (%s, dim %d, space %s) on %s/%s",
+                    ref.model, settings.pooling.value, encoder.dim, encoder.space, device, dtype)
+        return encoder.eval()
+
+
+def read_settings(folder: Path) -> EncoderSettings | None:
+    path = folder / SETTINGS_FILE
+    return EncoderSettings.from_json(path.read_text()) if path.exists() else None

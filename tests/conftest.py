@@ -1,0 +1,58 @@
+"""Session-wide fixtures: one real redis-server and one real local Ray for the whole run, tiny models on disk.
+
+Expensive things are started once per session (style principle 12); tests take cheap copies.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A project-owned redis-server on a free loopback port, started with infra/redis, stopped at the end."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed; `make test` installs it (Debian package redis-server)")
+    port, folder = free_port(), tmp_path_factory.mktemp("redis")
+    pid = subprocess.run([str(REPO / "infra/redis/start.sh"), str(port), str(folder)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    yield f"redis://127.0.0.1:{port}/0"
+    subprocess.run(["kill", pid], check=False)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[dict]:
+    """One local Ray (with its dashboard, for job submission) shared by every integration test."""
+    import ray
+
+    dashboard_port = free_port()
+    # 4 logical CPUs on 2 cores: actor pools must leave slots for Ray Data's read/write tasks.
+    context = ray.init(num_cpus=4, include_dashboard=True, dashboard_port=dashboard_port,
+                       log_to_driver=False, configure_logging=False)
+    yield {"gcs_address": context.address_info["gcs_address"], "dashboard": f"http://127.0.0.1:{dashboard_port}"}
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hlm.tiny import save_tiny_encoder
+
+    return save_tiny_encoder(tmp_path_factory.mktemp("models") / "tiny-bert", "bert")
