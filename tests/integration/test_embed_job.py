@@ -1,0 +1,122 @@
+"""The Ray Data embedding job on a real local Ray: exactly once, same numbers as in-process, clear rejects."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hlm.config import ModelRef, load_config
+from hlm.data import read_embedding_space, read_embeddings
+from hlm.encoder import Encoder
+from hlm.staging import SUCCESS
+from pipelines.embed import run_embed
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+N_ADS = 300
+
+
+def write_ads(path: Path, n: int = N_ADS, null_rows: tuple[int, ...] = ()) -> dict[str, str]:
+    texts = [f"ad {i}: {['cordless drill', 'white paint', 'brass lamp', 'oak door'][i % 4]} {i % 11}v"
+             for i in range(n)]
+    for r in null_rows:
+        texts[r] = None
+    ids = [f"ad-{i:05d}" for i in range(n)]
+    pq.write_table(pa.table({"ad_id": ids, "text": pa.array(texts, pa.string())}), path)
+    return {i: t for i, t in zip(ids, texts, strict=True) if t is not None}
+
+
+def job_config(batch_size: int, actors: int):
+    return load_config(overrides=[f"embed.batch_size={batch_size}", f"embed.num_actors={actors}", "profile=cpu"])
+
+
+@pytest.mark.parametrize(("batch_size", "actors"), [(16, 2), (64, 1)])
+def test_embed_job_writes_every_id_once_with_in_process_vectors(ray_cluster, tiny_bert_dir, tmp_path, batch_size,
+                                                                actors):
+    # Given a few hundred ads, one with a null text
+    texts = write_ads(tmp_path / "ads.parquet", null_rows=(7,))
+    # When the Ray Data job embeds them
+    record = run_embed(job_config(batch_size, actors), ModelRef(model=str(tiny_bert_dir)), tmp_path / "ads.parquet",
+                       "ads", tmp_path / "out")
+    # Then every valid id appears exactly once, equal to in-process encoding
+    ids, emb, space = read_embeddings(tmp_path / "out")
+    assert sorted(ids) == sorted(texts) and len(ids) == N_ADS - 1
+    encoder = Encoder.load(tiny_bert_dir)
+    np.testing.assert_allclose(emb, encoder.encode([texts[i] for i in ids], kind="ad"), atol=1e-5)
+    # and the space fingerprint travels in the Parquet metadata
+    assert space["fingerprint"] == encoder.space == read_embedding_space(tmp_path / "out")["fingerprint"]
+    assert record["rows_written"] == N_ADS - 1 and record["rows_rejected"] == 1
+    # and the null row is reported with its file, row and field
+    rejected = pq.read_table(tmp_path / "out" / "rejected" / "rejected.parquet").to_pylist()
+    assert [(r["_row"], r["_reason"]) for r in rejected] == [(7, "text is null")]
+    assert rejected[0]["_file"].endswith("ads.parquet")
+
+
+def test_rerun_into_a_finished_folder_does_nothing(ray_cluster, tiny_bert_dir, tmp_path, capsys):
+    write_ads(tmp_path / "ads.parquet", n=40)
+    cfg, model = job_config(16, 1), ModelRef(model=str(tiny_bert_dir))
+    run_embed(cfg, model, tmp_path / "ads.parquet", "ads", tmp_path / "out")
+    files_before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    run_embed(cfg, model, tmp_path / "ads.parquet", "ads", tmp_path / "out")
+    assert "nothing to do" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == files_before
+
+
+def test_crash_leftovers_are_discarded_and_the_rerun_is_exactly_once(ray_cluster, tiny_bert_dir, tmp_path):
+    # Given a crashed run's half-written staging folder holding a stale copy of some rows
+    write_ads(tmp_path / "ads.parquet", n=60)
+    staging = tmp_path / ".out.staging"
+    staging.mkdir()
+    pq.write_table(pa.table({"id": ["ad-00000", "ad-00001"], "embedding": [[0.0] * 32, [0.0] * 32]}),
+                   staging / "stale.parquet")
+    # When the job runs again
+    run_embed(job_config(16, 1), ModelRef(model=str(tiny_bert_dir)), tmp_path / "ads.parquet", "ads", tmp_path / "out")
+    # Then the output holds each id once and no staging folder is left
+    ids, _, _ = read_embeddings(tmp_path / "out")
+    assert len(ids) == len(set(ids)) == 60
+    assert not staging.exists()
+
+
+def _embed_cmd(model: Path, src: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "pipelines.embed", "--model", str(model), "--input", str(src), "--kind", "ads",
+            "--out", str(out), "--set", "embed.batch_size=8"]
+
+
+def test_killed_job_leaves_no_output_and_the_rerun_is_exactly_once(ray_cluster, tiny_bert_dir, tmp_path):
+    write_ads(tmp_path / "ads.parquet", n=200)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
+    cmd = _embed_cmd(tiny_bert_dir, tmp_path / "ads.parquet", tmp_path / "out")
+    # When the job is killed once it has started writing its staging folder
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / ".out.staging").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Then no output folder is visible, and a rerun gives every id exactly once
+    assert not (tmp_path / "out").exists()
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    ids, _, _ = read_embeddings(tmp_path / "out")
+    assert len(ids) == len(set(ids)) == 200
+
+
+def test_embed_job_runs_under_ray_job_submit(ray_cluster, tiny_bert_dir, tmp_path):
+    write_ads(tmp_path / "ads.parquet", n=30)
+    ray_bin = Path(sys.executable).parent / "ray"
+    cmd = [str(ray_bin), "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(REPO),
+           "--", *_embed_cmd(tiny_bert_dir, tmp_path / "ads.parquet", tmp_path / "out")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "embedded 30 ads" in done.stdout
+    assert json.loads((tmp_path / "out" / SUCCESS).read_text())["rows_written"] == 30
