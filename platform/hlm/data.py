@@ -124,7 +124,7 @@ def find_problems(table: pa.Table, contract: Contract) -> list[Problem]:
             problems += [Problem(int(i), f.name, "is empty") for i in np.flatnonzero(empty)]
         elif pa.types.is_floating(f.type):
             values = col.to_numpy(zero_copy_only=False)
-            bad = ~np.isfinite(np.nan_to_num(values, nan=np.inf)) & ~col.is_null().to_numpy(zero_copy_only=False)
+            bad = ~np.isfinite(values) & ~col.is_null().to_numpy(zero_copy_only=False)
             problems += [Problem(int(i), f.name, f"is not a finite number ({values[i]})") for i in np.flatnonzero(bad)]
     if contract.key:
         seen: dict[str, int] = {}
@@ -210,8 +210,11 @@ def write_table(table: pa.Table, path: str | os.PathLike, contract: Contract,
 def _atomic_write(table: pa.Table, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
