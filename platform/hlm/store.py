@@ -1,0 +1,333 @@
+"""Versioned FAISS indexes in Redis: publish, verify, load, roll back, garbage-collect.
+
+Key layout (DESIGN.md, "Index store in Redis")::
+
+    hlm:{index}:current                -> version id (moved last, atomically)
+    hlm:{index}:versions               -> list of version ids, newest first
+    hlm:{index}:v:{ver}:manifest       -> JSON: space, dim, count, factory, n_chunks, sha256, created_at, source, …
+    hlm:{index}:v:{ver}:chunk:{i}      -> bytes of faiss.serialize_index, ≤ chunk_bytes each
+    hlm:{index}:v:{ver}:ids            -> ad ids (Arrow IPC), position i = FAISS id i
+    hlm:{index}:events                 -> pub/sub channel: the new version id
+
+A version is *published* once it is in ``versions``; only then can ``current`` point to it. Publishing
+writes the manifest, the chunks and the ids, reads the chunks back to check their sha256, and only then
+sets ``current``, pushes onto ``versions`` and publishes the id in one MULTI/EXEC — so a publisher that
+fails at any point leaves ``current`` on the previous complete version. Readers poll ``current`` (the
+source of truth); the pub/sub message is only a hint. Only bytes and JSON go into Redis, never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import redis
+
+from hlm.index import AdIndex
+from hlm.space import check_same_space
+
+logger = logging.getLogger(__name__)
+
+MIB = 1 << 20
+REDIS_MAX_VALUE = 512 * MIB  # Redis's default proto-max-bulk-len
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")  # no ':' or glob characters: keys and SCAN patterns stay exact
+
+
+class StoreError(RuntimeError):
+    """The index store cannot do what was asked (unknown version, Redis unreachable, …)."""
+
+
+class PublishError(StoreError):
+    """A publish did not complete; ``current`` still points to the previous version."""
+
+
+class IntegrityError(StoreError):
+    """A stored version is incomplete or its bytes do not match the manifest's sha256."""
+
+
+def redis_client(url: str | None = None, *, password: str | None = None, ssl_ca: str | None = None) -> redis.Redis:
+    """A binary-safe client for ``url`` (else ``$HLM_REDIS_URL``, else ``redis://127.0.0.1:6379/0``).
+
+    ``password`` (else ``$HLM_REDIS_PASSWORD``) overrides one in the URL; ``rediss://`` enables TLS, verified
+    against ``ssl_ca`` (a CA bundle path) or the system CAs. Socket timeouts are 5 s.
+    """
+    url = url or os.environ.get("HLM_REDIS_URL") or "redis://127.0.0.1:6379/0"
+    password = password or os.environ.get("HLM_REDIS_PASSWORD") or None
+    kwargs: dict = {"decode_responses": False, "socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+    if url.startswith("rediss://"):
+        kwargs["ssl_cert_reqs"] = "required"
+        if ssl_ca:
+            kwargs["ssl_ca_certs"] = ssl_ca
+    elif ssl_ca:
+        raise ValueError(f"ssl_ca was given but {url.split('@')[-1]!r} is not a rediss:// (TLS) URL")
+    pool = redis.ConnectionPool.from_url(url, **kwargs)
+    if password:
+        pool.connection_kwargs["password"] = password  # from_url lets the URL win; an explicit password wins here
+    return redis.Redis(connection_pool=pool)
+
+
+def new_version() -> str:
+    """A sortable version id: UTC time to the microsecond plus a short random suffix."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{secrets.token_hex(3)}"
+
+
+def _sha256(parts: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()
+
+
+@contextmanager
+def _redis_errors(what: str, error: type[StoreError] = StoreError) -> Iterator[None]:
+    try:
+        yield
+    except redis.RedisError as e:
+        raise error(f"{what}: Redis error {type(e).__name__}: {e}") from e
+
+
+class IndexStore:
+    """Versions of one named index in Redis (see the module docstring for the key layout)."""
+
+    def __init__(self, client: redis.Redis, name: str, *, chunk_bytes: int = 64 * MIB, keep: int = 3) -> None:
+        if not _NAME.match(name):
+            raise ValueError(f"index name {name!r} must match {_NAME.pattern}")
+        if not 1 <= chunk_bytes <= REDIS_MAX_VALUE:
+            raise ValueError(f"chunk_bytes must be in 1..{REDIS_MAX_VALUE}, got {chunk_bytes}")
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.client, self.name, self.chunk_bytes, self.keep = client, name, chunk_bytes, keep
+        self.prefix = f"hlm:{name}"
+        self.current_key, self.versions_key = f"{self.prefix}:current", f"{self.prefix}:versions"
+        self.channel = f"{self.prefix}:events"
+
+    # ------------------------------------------------------------------------------------------ keys
+
+    def manifest_key(self, version: str) -> str:
+        return f"{self.prefix}:v:{version}:manifest"
+
+    def chunk_key(self, version: str, i: int) -> str:
+        return f"{self.prefix}:v:{version}:chunk:{i}"
+
+    def ids_key(self, version: str) -> str:
+        return f"{self.prefix}:v:{version}:ids"
+
+    def _version_keys(self, version: str) -> list[str]:
+        """Every key of a version, found by SCAN (so partial writes without a manifest are found too)."""
+        return [k.decode() for k in self.client.scan_iter(match=f"{self.prefix}:v:{version}:*", count=1000)]
+
+    # ------------------------------------------------------------------------------------------ reads
+
+    def current(self) -> str | None:
+        with _redis_errors(f"reading {self.current_key}"):
+            value = self.client.get(self.current_key)
+        return value.decode() if value is not None else None
+
+    def versions(self) -> list[str]:
+        """Published version ids, newest first."""
+        with _redis_errors(f"reading {self.versions_key}"):
+            return [v.decode() for v in self.client.lrange(self.versions_key, 0, -1)]
+
+    def manifest(self, version: str) -> dict:
+        with _redis_errors(f"reading the manifest of {self.name} version {version}"):
+            raw = self.client.get(self.manifest_key(version))
+        if raw is None:
+            raise StoreError(f"index {self.name}: no version {version!r} (no {self.manifest_key(version)})")
+        return json.loads(raw)
+
+    # ------------------------------------------------------------------------------------------ publish
+
+    def publish(self, index: AdIndex, *, source: str = "", version: str | None = None) -> str:
+        """Store ``index`` as a new version, verify it, then make it current. Returns the version id."""
+        version = version or new_version()
+        if not _NAME.match(version):
+            raise ValueError(f"version id {version!r} must match {_NAME.pattern}")
+        blob, ids_blob = index.to_bytes()
+        if len(ids_blob) > REDIS_MAX_VALUE:
+            raise PublishError(f"the ad ids take {len(ids_blob)} bytes, over Redis's 512 MiB value limit; "
+                               "at this scale keep the blob in object storage (DESIGN.md)")
+        chunks = [memoryview(blob)[i:i + self.chunk_bytes] for i in range(0, len(blob), self.chunk_bytes)]
+        manifest = {
+            "version": version, "space": index.space, "dim": index.dim, "count": index.ntotal,
+            "factory": index.factory, "n_chunks": len(chunks), "size": len(blob), "chunk_bytes": self.chunk_bytes,
+            "sha256": _sha256([blob]), "ids_sha256": _sha256([ids_blob]),
+            "created_at": datetime.now(UTC).isoformat(), "source": source, "format": 1,
+        }
+        what = f"publishing {self.name} version {version}"
+        with _redis_errors(f"{what} failed; current is unchanged", PublishError):
+            if version.encode() in self.client.lrange(self.versions_key, 0, -1) or self._version_keys(version):
+                raise PublishError(f"{what}: version {version!r} already exists")
+            try:  # the manifest goes first, so every leftover of a failed publish has one (see gc)
+                self.client.set(self.manifest_key(version), json.dumps(manifest, sort_keys=True))
+                for i, chunk in enumerate(chunks):  # one SET per chunk: no client-side buffer of the whole blob
+                    self.client.set(self.chunk_key(version, i), chunk)
+                self.client.set(self.ids_key(version), ids_blob)
+                self._verify_written(version, manifest)
+            except BaseException:
+                self._delete_quietly(version)
+                raise
+        try:
+            self._commit(version)
+        except redis.RedisError as e:
+            try:  # did the EXEC land? Only a confirmed "no" makes the written keys garbage
+                landed: bool | None = version.encode() in self.client.lrange(self.versions_key, 0, -1)
+            except redis.RedisError:
+                landed = None
+            if not landed:
+                if landed is False:
+                    self._delete_quietly(version)
+                state = "current is unchanged" if landed is False else "could not check whether it landed"
+                raise PublishError(f"{what}: the final MULTI/EXEC failed ({type(e).__name__}: {e}); {state}") from e
+            logger.warning("%s: the MULTI/EXEC reply was lost (%s) but the version is published", what, e)
+        logger.info("published %s version %s (%d ads, %d bytes in %d chunks, space %s)", self.name, version,
+                    index.ntotal, len(blob), len(chunks), index.space)
+        return version
+
+    def _verify_written(self, version: str, manifest: dict) -> None:
+        """Read the chunks back one at a time and check the sha256 of the whole and of the ids."""
+        h = hashlib.sha256()
+        for i in range(manifest["n_chunks"]):
+            h.update(self.client.get(self.chunk_key(version, i)) or b"")
+        ids_blob = self.client.get(self.ids_key(version)) or b""
+        if h.hexdigest() != manifest["sha256"] or _sha256([ids_blob]) != manifest["ids_sha256"]:
+            raise PublishError(f"publishing {self.name} version {version}: the bytes read back do not match "
+                               f"the sha256 written; the partial version was deleted")
+
+    def _commit(self, version: str) -> None:
+        """SET current, LPUSH versions, PUBLISH in one MULTI/EXEC, WATCHed against racing publishers."""
+        def flip(pipe: redis.client.Pipeline) -> None:
+            if version.encode() in pipe.lrange(self.versions_key, 0, -1):
+                return  # our EXEC landed but its reply was lost (redis-py retries that as a WatchError)
+            pipe.multi()
+            pipe.set(self.current_key, version)
+            pipe.lpush(self.versions_key, version)
+            pipe.publish(self.channel, version)
+
+        self.client.transaction(flip, self.current_key, self.versions_key)
+
+    def _delete_quietly(self, version: str) -> None:
+        """Best-effort removal of a failed publish's keys (Redis may be the thing that failed)."""
+        try:
+            keys = self._version_keys(version)
+            if keys:
+                self.client.delete(*keys)
+        except redis.RedisError as e:
+            logger.warning("could not delete the partial keys of %s version %s (%s); gc() removes them later",
+                           self.name, version, e)
+
+    # ------------------------------------------------------------------------------------------ load
+
+    def load(self, version: str | None = None, *, expected_space: str | None = None) -> AdIndex:
+        """Fetch, verify (sha256 before deserialising), check the space and deserialise a version."""
+        version = version or self.current()
+        if version is None:
+            raise StoreError(f"index {self.name}: nothing published yet ({self.current_key} is unset)")
+        manifest = self.manifest(version)
+        what = f"index {self.name} version {version}"
+        if expected_space is not None:
+            check_same_space(expected_space, manifest["space"], what)
+        n = manifest["n_chunks"]
+        with _redis_errors(f"loading {what}"):
+            pipe = self.client.pipeline(transaction=False)
+            for i in range(n):
+                pipe.get(self.chunk_key(version, i))
+            pipe.get(self.ids_key(version))
+            *chunks, ids_blob = pipe.execute()
+        missing = [i for i, c in enumerate(chunks) if c is None]
+        if missing or ids_blob is None:
+            lost = f"chunk(s) {missing} of {n}" if missing else "the ad ids"
+            raise IntegrityError(f"{what}: {lost} missing from Redis")
+        if (sha := _sha256(chunks)) != manifest["sha256"]:
+            raise IntegrityError(f"{what}: sha256 of its {n} chunk(s) is {sha}, the manifest says "
+                                 f"{manifest['sha256']}; refusing to deserialise")
+        if _sha256([ids_blob]) != manifest["ids_sha256"]:
+            raise IntegrityError(f"{what}: the ad ids do not match the manifest's ids_sha256")
+        index = AdIndex.from_bytes(b"".join(chunks), ids_blob)
+        if (index.ntotal, index.dim, index.space) != (manifest["count"], manifest["dim"], manifest["space"]):
+            raise IntegrityError(f"{what}: holds {index.ntotal}×{index.dim} in space {index.space}, the manifest "
+                                 f"says {manifest['count']}×{manifest['dim']} in space {manifest['space']}")
+        return index
+
+    def is_complete(self, version: str) -> bool:
+        """Manifest, every chunk and the ids are present (cheap EXISTS; ``load`` also checks the bytes)."""
+        try:
+            n = self.manifest(version)["n_chunks"]
+        except StoreError:
+            return False
+        keys = [self.chunk_key(version, i) for i in range(n)] + [self.ids_key(version)]
+        with _redis_errors(f"checking {self.name} version {version}"):
+            return self.client.exists(*keys) == len(keys)
+
+    # ------------------------------------------------------------------------------------------ rollback, gc
+
+    def rollback(self, to: str | None = None) -> str:
+        """Point ``current`` at ``to`` (default: the version published before the current one) and announce it."""
+        what = f"rolling back {self.name}"
+
+        def move(pipe: redis.client.Pipeline) -> str:
+            current = (pipe.get(self.current_key) or b"").decode()
+            versions = [v.decode() for v in pipe.lrange(self.versions_key, 0, -1)]
+            target = to
+            if target is None:
+                older = versions[versions.index(current) + 1:] if current in versions else []
+                if not older:
+                    raise StoreError(f"{what}: no version older than {current or None!r} in {versions}")
+                target = older[0]
+            if target not in versions:
+                raise StoreError(f"{what}: {target!r} is not a published version (have {versions})")
+            if not self.is_complete(target):
+                raise IntegrityError(f"{what}: version {target} is incomplete in Redis")
+            pipe.multi()
+            pipe.set(self.current_key, target)
+            pipe.publish(self.channel, target)
+            logger.info("%s: current %s -> %s", what, current or None, target)
+            return target
+
+        with _redis_errors(what):
+            return self.client.transaction(move, self.current_key, self.versions_key, value_from_callable=True)
+
+    def gc(self, keep: int | None = None, *, orphans_older_than_s: float = 3600.0) -> list[str]:
+        """Delete versions beyond the newest ``keep`` (never ``current``); returns the deleted ids.
+
+        Also deletes leftovers of failed publishes (a manifest but not in ``versions``) once their
+        ``created_at`` is older than ``orphans_older_than_s``, so a publish still in flight is left alone.
+        """
+        keep = self.keep if keep is None else keep
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+
+        def collect(pipe: redis.client.Pipeline) -> list[str]:
+            current = (pipe.get(self.current_key) or b"").decode()
+            versions = [v.decode() for v in pipe.lrange(self.versions_key, 0, -1)]
+            doomed = [v for v in versions[keep:] if v != current]
+            orphans = [v for v in self._orphans(orphans_older_than_s) if v not in versions and v != current]
+            keys = [k for v in doomed + orphans for k in self._version_keys(v)]
+            pipe.multi()
+            for v in doomed:
+                pipe.lrem(self.versions_key, 0, v)
+            if keys:
+                pipe.delete(*keys)
+            return doomed + orphans
+
+        with _redis_errors(f"collecting old versions of {self.name}"):
+            deleted = self.client.transaction(collect, self.current_key, self.versions_key, value_from_callable=True)
+        if deleted:
+            logger.info("gc %s: deleted %s (kept the newest %d and current)", self.name, deleted, keep)
+        return deleted
+
+    def _orphans(self, older_than_s: float) -> list[str]:
+        """Version ids that have a manifest older than ``older_than_s`` (callers drop the published ones)."""
+        found, now = [], datetime.now(UTC)
+        for key in self.client.scan_iter(match=f"{self.prefix}:v:*:manifest", count=1000):
+            version = key.decode()[len(self.prefix) + 3:-len(":manifest")]
+            created = json.loads(self.client.get(key) or b"{}").get("created_at")
+            if created and (now - datetime.fromisoformat(created)).total_seconds() >= older_than_s:
+                found.append(version)
+        return found
