@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from hlm.config import ModelRef, Pooling, Runtime
 from hlm.space import Space
@@ -45,6 +45,11 @@ class EncoderSettings:
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "pooling": self.pooling.value}, indent=2, sort_keys=True)
+
+    def space(self, dim: int) -> str:
+        """Fingerprint of the space these settings produce at width `dim` (a student's is its teacher's)."""
+        own = Space(self.weights_sha256, self.pooling.value, self.normalize, dim, self.query_prompt)
+        return self.target_space or own.fingerprint
 
     @classmethod
     def from_json(cls, text: str) -> EncoderSettings:
@@ -113,14 +118,9 @@ class Encoder(nn.Module):
         return self.backbone.device
 
     @property
-    def own_space(self) -> Space:
-        s = self.settings
-        return Space(s.weights_sha256, s.pooling.value, s.normalize, self.dim, s.query_prompt)
-
-    @property
     def space(self) -> str:
         """Fingerprint of the space this encoder's outputs live in (a student's is its teacher's)."""
-        return self.settings.target_space or self.own_space.fingerprint
+        return self.settings.space(self.dim)
 
     def describe_space(self) -> dict:
         """What embeddings files and index manifests record about this encoder's space."""
@@ -179,13 +179,7 @@ class Encoder(nn.Module):
         """Load a saved encoder, a plain HF folder, or `teacher-default`/`student-default` (never a hub)."""
         from safetensors.torch import load_file
 
-        from hlm.pretrained import resolve_model
-
-        ref = ref if isinstance(ref, ModelRef) else ModelRef(model=str(ref))
-        folder, settings = resolve_model(ref.model)
-        overrides = {k: v for k, v in (("pooling", ref.pooling), ("max_length", ref.max_length),
-                                       ("query_prompt", ref.query_prompt)) if v is not None}
-        settings = replace(settings, **overrides)
+        folder, settings = _resolve(ref)
         device, dtype = resolve_device(runtime)
         backbone = AutoModel.from_pretrained(folder, dtype=dtype).to(device)
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -194,8 +188,25 @@ class Encoder(nn.Module):
             weight = load_file(folder / PROJECTION_FILE)["weight"]
             encoder.projection.weight.data.copy_(weight.to(device=device, dtype=dtype))
         logger.info("loaded encoder %s (%s, dim %d, space %s) on %s/%s",
-                    ref.model, settings.pooling.value, encoder.dim, encoder.space, device, dtype)
+                    folder, settings.pooling.value, encoder.dim, encoder.space, device, dtype)
         return encoder.eval()
+
+
+def _resolve(ref: str | Path | ModelRef) -> tuple[Path, EncoderSettings]:
+    """(folder, settings with the ModelRef's overrides applied)."""
+    from hlm.pretrained import resolve_model
+
+    ref = ref if isinstance(ref, ModelRef) else ModelRef(model=str(ref))
+    folder, settings = resolve_model(ref.model)
+    overrides = {k: v for k, v in (("pooling", ref.pooling), ("max_length", ref.max_length),
+                                   ("query_prompt", ref.query_prompt)) if v is not None}
+    return folder, replace(settings, **overrides)
+
+
+def space_of(ref: str | Path | ModelRef) -> str:
+    """An encoder's space fingerprint without loading its weights (for wiring Serve before replicas start)."""
+    folder, settings = _resolve(ref)
+    return settings.space(settings.projection_dim or AutoConfig.from_pretrained(folder).hidden_size)
 
 
 def read_settings(folder: Path) -> EncoderSettings | None:

@@ -1,0 +1,49 @@
+"""Build a FAISS index from teacher ad embeddings and publish it to Redis as a new version.
+
+    python -m pipelines.publish_index --embeddings EMB/ads --index ads --factory HNSW32 [--redis-url URL]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hlm.cli import job_parser, setup_logging
+from hlm.data import DataError, read_embeddings
+from hlm.index import AdIndex
+from hlm.store import IndexStore, StoreError, redis_client
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = job_parser(__doc__.splitlines()[0])
+    parser.add_argument("--embeddings", required=True, type=Path, help="embeddings Parquet file or folder (ads)")
+    parser.add_argument("--index", required=True, help="index name: keys hlm:{index}:*")
+    parser.add_argument("--factory", default="Flat", help="FAISS index_factory string, e.g. Flat, HNSW32, IVF256,PQ32")
+    parser.add_argument("--redis-url", help="default: $HLM_REDIS_URL, else redis://127.0.0.1:6379/0")
+    parser.add_argument("--min-recall", type=float, default=0.9, help="recall@10 vs exact search required to publish")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        ids, emb, space = read_embeddings(args.embeddings)
+        index = AdIndex.build(ids, emb, space["fingerprint"], args.factory)
+        exact = index if args.factory == "Flat" else AdIndex.build(ids, emb, space["fingerprint"], "Flat")
+        sample = emb[np.random.default_rng(0).choice(len(emb), min(1000, len(emb)), replace=False)]  # (S, d)
+        recall = index.recall_at_k(exact, sample, k=min(10, index.ntotal))
+        if recall < args.min_recall:
+            print(f"error: recall@10 {recall:.3f} of {args.factory} is below {args.min_recall}; nothing published",
+                  file=sys.stderr)
+            return 1
+        store = IndexStore(redis_client(args.redis_url), args.index)
+        version = store.publish(index, source=str(args.embeddings))
+    except (DataError, StoreError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"published index '{args.index}' version {version}: {index.ntotal} ads, dim {index.dim}, {args.factory}, "
+          f"recall@10 {recall:.3f}, space {index.space}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The serving copy of an index: searched by requests, refreshed from Redis in the background.
+
+`current` in Redis is the source of truth: a refresh thread polls it, and a pub/sub subscription on
+the events channel only wakes the thread early. A new version is loaded, verified (sha256 inside
+`IndexStore.load`) and space-checked off the request path, then swapped in by replacing one reference,
+so a request sees either the old or the new index, never a mix. While loading, when Redis is
+unreachable, or when a version is refused, the replica keeps serving what it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from hlm.index import AdIndex
+from hlm.space import SpaceMismatch
+from hlm.store import IndexStore, IntegrityError, StoreError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One immutable (index, version) pair; requests hold it for their whole search."""
+
+    index: AdIndex
+    version: str
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class RefreshState:
+    last_check: float | None = None
+    last_error: str | None = None
+    refused: dict[str, str] = field(default_factory=dict)  # version -> why; not retried until current moves
+
+
+class LiveIndex:
+    def __init__(self, store: IndexStore, expected_space: str, *, poll_s: float = 2.0):
+        self.store, self.expected_space, self.poll_s = store, expected_space, poll_s
+        self.snapshot: Snapshot | None = None
+        self.state = RefreshState()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------------------------------ requests
+    def search(self, q_emb: np.ndarray, k: int) -> tuple[list[list[tuple[str, float]]], str]:
+        """(ranked (ad_id, score) lists, the version they came from)."""
+        snap = self.snapshot
+        if snap is None:
+            raise StoreError(f"index {self.store.name}: no version loaded yet")
+        return snap.index.search_ids(q_emb, min(k, snap.index.ntotal)), snap.version
+
+    def status(self) -> dict:
+        snap = self.snapshot
+        return {
+            "index": self.store.name,
+            "version": snap.version if snap else None,
+            "space": snap.index.space if snap else self.expected_space,
+            "count": snap.index.ntotal if snap else 0,
+            "factory": snap.index.factory if snap else None,
+            "age_s": round(time.time() - snap.loaded_at, 1) if snap else None,
+            "last_check_age_s": round(time.time() - self.state.last_check, 1) if self.state.last_check else None,
+            "last_error": self.state.last_error,
+            "refused": dict(self.state.refused),
+        }
+
+    # ------------------------------------------------------------------------------------------ refresh
+    def refresh(self) -> bool:
+        """Load `current` if it moved; True when a new version was swapped in. Never raises on Redis trouble."""
+        self.state.last_check = time.time()
+        try:
+            version = self.store.current()
+            if version is None or version in self.state.refused:
+                return False
+            if self.snapshot is not None and version == self.snapshot.version:
+                return False
+            index = self.store.load(version, expected_space=self.expected_space)
+        except (SpaceMismatch, IntegrityError) as e:  # this version will never load: don't fetch it again
+            self.state.refused[version] = str(e)
+            self.state.last_error = str(e)
+            logger.error("refused version %s, still serving %s: %s", version, self._serving(), e)
+            return False
+        except (StoreError, redis.RedisError) as e:  # Redis trouble: transient, retried on the next poll
+            self.state.last_error = str(e)
+            logger.warning("index refresh failed, still serving %s: %s", self._serving(), e)
+            return False
+        self.snapshot = Snapshot(index, version)
+        self.state.last_error = None
+        logger.info("serving %s version %s (%d ads)", self.store.name, version, index.ntotal)
+        return True
+
+    def _serving(self) -> str | None:
+        return self.snapshot.version if self.snapshot else None
+
+    def start(self) -> None:
+        """Background poll loop plus a pub/sub listener that wakes it early."""
+        for target in (self._poll_loop, self._listen_loop):
+            t = threading.Thread(target=target, name=f"hlm-{target.__name__}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._wake.wait(self.poll_s * (0.75 + 0.5 * np.random.random()))  # jitter: replicas don't stampede
+            self._wake.clear()
+
+    def _listen_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.store.channel)
+                while not self._stop.is_set():
+                    if pubsub.get_message(timeout=1.0) is not None:
+                        self._wake.set()
+            except redis.RedisError:
+                self._stop.wait(self.poll_s)  # the poll loop is the source of truth; retry the hint later

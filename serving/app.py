@@ -1,0 +1,148 @@
+"""The Ray Serve application: FastAPI ingress → QueryEncoder (student, batched) → AdIndex (FAISS, hot swap).
+
+    serve run serving.app:app                  # local, defaults (student-default, index "ads")
+    serve run serving.app:build_app index=ads  # builder with arguments
+    serve deploy serving/config.yaml           # the production-shaped config
+
+Deployments only wire: encoding is `hlm.encoder.Encoder`, search and refresh are `hlm.live_index.LiveIndex`,
+the HTTP contract is `hlm.api`.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures' types at run time
+# through Serve's class-based ingress, and string annotations make it take the body for a query parameter.
+import logging
+import os
+
+import numpy as np
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from hlm.api import EmbedRequest, EmbedResponse, ScoredAd, SearchRequest, SearchResponse
+from hlm.config import ModelRef, Profile, Runtime
+from hlm.encoder import Encoder, space_of
+from hlm.live_index import LiveIndex
+from hlm.store import IndexStore, StoreError, redis_client
+
+logger = logging.getLogger("serving")
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build_app` (the `args:` block of serving/config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+    profile: Profile = Profile.cpu
+    student: ModelRef = ModelRef(model="student-default")
+    index: str = Field("ads", description="index name in Redis (keys hlm:{index}:*)")
+    redis_url: str | None = Field(None, description="default: $HLM_REDIS_URL, else redis://127.0.0.1:6379/0")
+    poll_s: float = Field(2.0, gt=0, description="how often replicas check hlm:{index}:current")
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+
+
+@serve.deployment(max_ongoing_requests=64)
+class QueryEncoder:
+    def __init__(self, student: dict, runtime: dict, max_batch_size: int, batch_wait_timeout_s: float):
+        self.encoder = Encoder.load(ModelRef.model_validate(student), Runtime.model_validate(runtime))
+        self.encode_batch.set_max_batch_size(max_batch_size)
+        self.encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        s = self.encoder.settings
+        self.version = f"{s.source or 'student'}@{s.weights_sha256[:12]}"
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return list(self.encoder.encode(texts))  # one forward pass for the whole batch
+
+    async def encode(self, text: str) -> np.ndarray:
+        return await self.encode_batch(text)
+
+    def info(self) -> dict:
+        return {"model_version": self.version, "space": self.encoder.space, "dim": self.encoder.dim}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class AdIndex:
+    def __init__(self, index: str, redis_url: str | None, expected_space: str, poll_s: float):
+        self.live = LiveIndex(IndexStore(redis_client(redis_url), index), expected_space, poll_s=poll_s)
+        self.live.refresh()  # serve at once if a version is already published
+        self.live.start()
+
+    def search(self, q_emb: np.ndarray, k: int) -> tuple[list[tuple[str, float]], str]:
+        hits, version = self.live.search(q_emb[None, :], k)
+        return hits[0], version
+
+    def status(self) -> dict:
+        return self.live.status()
+
+    def __del__(self):
+        self.live.stop()
+
+
+api = FastAPI(title="HLM retrieval", description="Student query encoder against a teacher-built ad index.")
+
+
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(api)
+class Api:
+    def __init__(self, encoder: DeploymentHandle, index: DeploymentHandle):
+        self.encoder, self.index = encoder, index
+        self._info: dict | None = None
+
+    async def encoder_info(self) -> dict:
+        if self._info is None:  # the student is fixed for the life of this app version
+            self._info = await self.encoder.info.remote()
+        return self._info
+
+    @api.post("/v1/search", response_model=SearchResponse)
+    async def search(self, req: SearchRequest) -> SearchResponse:
+        q_emb = await self.encoder.encode.remote(req.query)
+        info = await self.encoder_info()
+        try:
+            hits, version = await self.index.search.remote(q_emb, req.k)
+        except StoreError as e:  # nothing loaded yet: the service is not ready, the request was fine
+            raise HTTPException(status_code=503, detail=str(e)) from e
+        return SearchResponse(ads=[ScoredAd(ad_id=a, score=s) for a, s in hits], index_version=version,
+                              model_version=info["model_version"])
+
+    @api.post("/v1/embed", response_model=EmbedResponse)
+    async def embed(self, req: EmbedRequest) -> EmbedResponse:
+        rows = [self.encoder.encode.remote(q) for q in req.queries]  # fan out: they batch on the replica
+        emb = [await r for r in rows]
+        info = await self.encoder_info()
+        return EmbedResponse(embeddings=[e.tolist() for e in emb], dim=info["dim"], space=info["space"],
+                             model_version=info["model_version"])
+
+    @api.get("/v1/healthz")
+    async def healthz(self) -> dict:
+        status = await self.index.status.remote()
+        return {"ok": status["version"] is not None, "index_version": status["version"]}
+
+    @api.get("/v1/index")
+    async def index_status(self) -> dict:
+        return await self.index.status.remote()
+
+
+def build_app(args: dict) -> serve.Application:
+    """Typed builder: `serve run serving.app:build_app key=value …` or the `args:` of serving/config.yaml."""
+    cfg = AppArgs.model_validate(args)
+    runtime = Runtime(device="cuda", dtype="bfloat16") if cfg.profile is Profile.gpu else Runtime(device="cpu")
+    encoder = QueryEncoder.options(
+        autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                            "target_ongoing_requests": cfg.target_ongoing_requests},
+        max_ongoing_requests=max(64, 2 * cfg.max_batch_size),
+        ray_actor_options={"num_cpus": 1, "num_gpus": 1 if cfg.profile is Profile.gpu else 0},
+    ).bind(cfg.student.model_dump(), runtime.model_dump(), cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    index = AdIndex.bind(cfg.index, cfg.redis_url or os.environ.get("HLM_REDIS_URL"), space_of(cfg.student),
+                         cfg.poll_s)
+    return Api.bind(encoder, index)
+
+
+def __getattr__(name: str):
+    # `serve run serving.app:app` builds the default app on demand; replicas importing this module don't.
+    if name == "app":
+        return build_app({})
+    raise AttributeError(name)
