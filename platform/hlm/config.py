@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,44 @@ class EmbedJob(_Section):
     rows_per_file: int = Field(50_000, gt=0, description="output rows per Parquet file (a hint)")
 
 
+class TrainJob(_Section):
+    """One phase of the HARNESS-LM recipe (`hlm.train`); the closed sets match `hlm.losses`' enums."""
+
+    phase: Literal["teacher", "align", "prune", "refine"] = Field(
+        "align", description="teacher: fine-tune the dual encoder; align: L2 to teacher query embeddings; "
+        "prune: drop layers step by step, re-aligning after each; refine: InfoNCE against frozen teacher ads")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW), reached after warmup")
+    min_lr: float = Field(0.0, ge=0, description="where the cosine/linear decay ends")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decay on matrices only (not biases, norms)")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from ~0 to lr over this many steps")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
+    epochs: int = Field(1, gt=0, description="passes over the training rows (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps in all; None = epochs × rows/batch")
+    batch_size: int = Field(32, gt=0, description="rows per step; in contrastive phases also the in-batch negatives")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = off)")
+    temperature: float = Field(0.05, gt=0, description="τ of the contrastive losses and of score_kl")
+    margin: float = Field(0.1, description="qwen3 loss: drop negatives scoring above s(q, d+) + margin")
+    objective: Literal["l2", "cosine", "score_kl"] = Field("l2", description="alignment loss (align, prune)")
+    contrastive: Literal["info_nce", "qwen3"] = Field("info_nce", description="contrastive loss (teacher, refine)")
+    l2_weight: float = Field(0.0, ge=0, description="refine: + λ·L2 to the teacher's query embeddings")
+    width: Literal["projection", "truncate"] = Field(
+        "projection", description="when the student is narrower than the teacher: a linear head into the "
+        "teacher's width, or the first d_student teacher dims renormalised (a truncated teacher space)")
+    prune_schedule: list[int] = Field(default_factory=list, description="layer counts, decreasing, e.g. [4, 3, 2]")
+    steps_per_prune: int = Field(100, gt=0, description="re-alignment steps after each pruning step")
+    checkpoint_every: int = Field(0, ge=0, description="write a checkpoint every N steps (0 = only at the end)")
+    log_every: int = Field(10, gt=0, description="log loss and samples/s every N steps")
+    eval_k: int = Field(100, gt=0, description="k of the retrieval metrics (the paper's P@100)")
+    seed: int = Field(0, description="seeds batch order and dropout; a resumed run replays the same steps")
+
+    @field_validator("prune_schedule")
+    @classmethod
+    def _decreasing(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v) or any(a <= b for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError(f"must be positive layer counts in decreasing order, got {v}")
+        return v
+
+
 class Config(_Section):
     profile: Profile = Profile.cpu
     seed: int = 0
@@ -66,6 +104,7 @@ class Config(_Section):
     teacher: ModelRef = ModelRef(model="teacher-default")
     student: ModelRef = ModelRef(model="student-default")
     embed: EmbedJob = EmbedJob()
+    train: TrainJob = TrainJob()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -92,7 +131,10 @@ class ConfigError(ValueError):
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """'train.lr=3e-5' -> (['train', 'lr'], 3e-05); the value is read as YAML so types come out right."""
+    """'embed.batch_size=128' -> (['embed', 'batch_size'], 128): the value is read as YAML, then the schema casts it.
+
+    Quote values that YAML would read as a mapping: `--set "teacher.query_prompt='Query: '"`.
+    """
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{item}' is not of the form key.sub=value")
@@ -108,6 +150,15 @@ def _deep_merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def _section_defaults(schema: type[BaseModel]) -> dict[str, Any]:
+    """Sections whose default is an instance (`student: ModelRef = ModelRef(model=...)`) as dicts.
+
+    Merged under the user's values so `student.pooling=cls` keeps the default `model`: a partial dict
+    would otherwise replace the default instance and lose its required fields.
+    """
+    return {name: f.default.model_dump() for name, f in schema.model_fields.items() if isinstance(f.default, BaseModel)}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -133,7 +184,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         profile = Profile(user.get("profile", Profile.cpu.value))
     except ValueError as e:
         raise ConfigError(f"profile: must be one of {[p.value for p in Profile]}, got {user.get('profile')!r}") from e
-    merged = _deep_merge(PROFILES[profile], user)
+    merged = _deep_merge(_deep_merge(_section_defaults(schema), PROFILES[profile]), user)
     try:
         return schema.model_validate(merged)
     except ValidationError as e:

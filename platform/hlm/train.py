@@ -1,0 +1,327 @@
+"""The training phases of the HARNESS-LM recipe as plain functions that a Ray Train worker calls.
+
+`train_teacher` (phase 1) fine-tunes a symmetric dual encoder; `train_align` (phase 2) pulls a student query
+encoder onto precomputed teacher query embeddings; `train_refine` (phase 4) trains the student contrastively
+against frozen teacher ad embeddings. Phase 3 (pruning) is in `hlm.pruning`. The student never calls the
+teacher: its targets are arrays read from the embeddings Parquet that `pipelines.embed` wrote.
+
+Each phase builds its data and a `step_loss(idx) -> scalar` and hands both to `fit`, the one loop they share
+(optimiser, schedule, logging, checkpoints). Batch order and dropout are functions of (seed, step), so a run
+resumed from a checkpoint replays exactly the steps the uninterrupted run would have taken.
+
+Shapes: `q_emb (B, d)`, `ad_emb (N, d)`, hard negatives `(B, K, d)`, `scores (B, N)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from hlm.config import Runtime, TrainJob
+from hlm.encoder import Encoder
+from hlm.losses import alignment_loss, contrastive_loss, l2_alignment
+from hlm.metrics import evaluate, recovery_table, run_from_search
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.pt"
+StateFn = Callable[[], dict]  # -> {"model": state_dict, "optimizer": state_dict, "step": int}
+OnStep = Callable[[int, dict[str, Any], StateFn], None]  # (step done, metrics, state_fn)
+
+
+@dataclass
+class TrainResult:
+    encoder: Encoder  # the model that trained (a student may have gained a projection head: use this one)
+    step: int  # optimizer steps done, counting those before a resume
+    losses: list[float]  # one per step of this call
+    optimizer_state: dict
+    checkpoints: list[Path] = field(default_factory=list)
+    samples_per_s: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------- schedule and data
+
+
+def total_steps(n_rows: int, cfg: TrainJob) -> int:
+    return cfg.max_steps or cfg.epochs * max(1, n_rows // cfg.batch_size)
+
+
+def lr_at(step: int, cfg: TrainJob, total_steps: int) -> float:
+    """Learning rate of 0-based `step` (nanoGPT's get_lr): linear warmup, then cosine/linear decay to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    ratio = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio)) if cfg.schedule == "cosine" else 1.0 - ratio
+    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+
+
+def batch_indices(step: int, n_rows: int, cfg: TrainJob) -> np.ndarray:
+    """Rows of `step`: epoch e = step // steps_per_epoch is a permutation seeded by (seed, e); the tail is dropped."""
+    per_epoch = max(1, n_rows // cfg.batch_size)
+    order = np.random.default_rng([cfg.seed, step // per_epoch]).permutation(n_rows)
+    start = (step % per_epoch) * cfg.batch_size
+    return order[start:start + cfg.batch_size]
+
+
+# ---------------------------------------------------------------------------------------------- width
+
+
+def truncated_space(space: str, dim: int) -> str:
+    """Fingerprint of a space whose vectors are its first `dim` dims, renormalised (ads must be cut the same way)."""
+    return hashlib.sha256(f"{space}|truncate|{dim}".encode()).hexdigest()[:16]
+
+
+def prepare_student(student: Encoder, teacher_dim: int, width: str, *, teacher_space: str | None = None) -> Encoder:
+    """Make the student meet a `teacher_dim`-wide teacher and record the space it is aligned to.
+
+    projection: a student of another width gets a fresh linear head into teacher_dim (orthogonal init, so it
+    starts as an isometry of the student's own space); it shares the backbone with `student`.
+    truncate: the student keeps its width d ≤ teacher_dim; its targets are the teacher's first d dims,
+    renormalised, and its space is `truncated_space(teacher_space, d)`.
+    """
+    if width == "projection" and student.dim != teacher_dim:
+        student = Encoder(student.backbone, student.tokenizer, replace(student.settings, projection_dim=teacher_dim))
+        weight = torch.empty_like(student.projection.weight, dtype=torch.float32)
+        student.projection.weight.data.copy_(nn.init.orthogonal_(weight))
+        logger.info("student gets a projection head %d -> %d", student.backbone.config.hidden_size, teacher_dim)
+    if student.dim > teacher_dim:
+        raise ValueError(f"student width {student.dim} is wider than the teacher's {teacher_dim} (width={width})")
+    if teacher_space is not None:
+        same = student.dim == teacher_dim
+        student.settings.target_space = teacher_space if same else truncated_space(teacher_space, student.dim)
+    return student
+
+
+def _rows(emb: np.ndarray, idx: np.ndarray, dim: int, device: torch.device) -> Tensor:
+    """emb[idx] as float32 on `device`, cut to `dim` and renormalised when wider (truncate mode): (*idx.shape, dim)."""
+    t = torch.from_numpy(np.asarray(emb[idx], dtype=np.float32))  # (*idx.shape, D), a copy of those rows only
+    if t.shape[-1] != dim:
+        t = F.normalize(t[..., :dim], dim=-1)  # (*idx.shape, dim)
+    return t.to(device)
+
+
+# ---------------------------------------------------------------------------------------------- phases
+
+
+def train_align(student: Encoder, queries: list[str], teacher_q_emb: np.ndarray, cfg: TrainJob, *,
+                ad_emb: np.ndarray | None = None, teacher_space: str | None = None,
+                checkpoint_dir: str | Path | None = None, on_step: OnStep | None = None, start_step: int = 0,
+                optimizer_state: dict | None = None) -> TrainResult:
+    """Phase 2: `cfg.objective` (L2 by default) between the student's and the teacher's query embeddings.
+
+    teacher_q_emb (n, D) row i is the teacher's embedding of queries[i]; ad_emb (N, D) is needed by score_kl only.
+    """
+    # 1. build: a projection head or truncated targets when the widths differ
+    if len(queries) != len(teacher_q_emb):
+        raise ValueError(f"{len(queries)} queries but {len(teacher_q_emb)} teacher embeddings")
+    student = prepare_student(student, teacher_q_emb.shape[1], cfg.width, teacher_space=teacher_space)
+    d = student.dim
+    # 2. data: teacher rows are gathered per batch; a score_kl ad set sits on the device whole
+    ads = None if ad_emb is None else _rows(ad_emb, np.arange(len(ad_emb)), d, student.device)  # (N, d)
+
+    def step_loss(idx: np.ndarray) -> Tensor:
+        q_emb = student(student.tokenize([queries[i] for i in idx], "query")).float()  # (B, d)
+        t_emb = _rows(teacher_q_emb, idx, d, student.device)  # (B, d)
+        return alignment_loss(cfg.objective, q_emb, t_emb, ads, temperature=cfg.temperature)
+
+    # 3-5. optimiser, loop, save
+    return fit(student, len(queries), step_loss, cfg, checkpoint_dir=checkpoint_dir, on_step=on_step,
+               start_step=start_step, optimizer_state=optimizer_state)
+
+
+def train_refine(student: Encoder, queries: list[str], positive_ad_idx: np.ndarray, ad_emb: np.ndarray,
+                 cfg: TrainJob, *, hard_negative_idx: np.ndarray | None = None,
+                 teacher_q_emb: np.ndarray | None = None, teacher_space: str | None = None,
+                 checkpoint_dir: str | Path | None = None, on_step: OnStep | None = None, start_step: int = 0,
+                 optimizer_state: dict | None = None) -> TrainResult:
+    """Phase 4: `cfg.contrastive` against frozen teacher ad vectors (+ λ·L2 to teacher queries if l2_weight > 0).
+
+    positive_ad_idx (n,): row of ad_emb (N, D) clicked for queries[i]; the other pairs' positives are the
+    in-batch negatives. hard_negative_idx (n, K): rows of ad_emb mined from the teacher index. Only the
+    student trains; ad_emb is read, never written, and no ad encoder runs.
+    """
+    # 1. build
+    student = prepare_student(student, ad_emb.shape[1], cfg.width, teacher_space=teacher_space)
+    d = student.dim
+    # 2. data
+    pos = np.asarray(positive_ad_idx)
+    hard = None if hard_negative_idx is None else np.asarray(hard_negative_idx)
+    if len(pos) != len(queries) or (hard is not None and (hard.ndim != 2 or len(hard) != len(queries))):
+        raise ValueError(f"{len(queries)} queries need positive_ad_idx ({len(queries)},) and "
+                         f"hard_negative_idx ({len(queries)}, K); got {pos.shape} and {getattr(hard, 'shape', None)}")
+    if cfg.l2_weight > 0 and (teacher_q_emb is None or len(teacher_q_emb) != len(queries)):
+        raise ValueError("l2_weight > 0 needs teacher_q_emb with one row per query")
+
+    def step_loss(idx: np.ndarray) -> Tensor:
+        q_emb = student(student.tokenize([queries[i] for i in idx], "query")).float()  # (B, d)
+        pos_emb = _rows(ad_emb, pos[idx], d, student.device)  # (B, d)
+        neg_emb = None if hard is None else _rows(ad_emb, hard[idx], d, student.device)  # (B, K, d)
+        loss = contrastive_loss(cfg.contrastive, q_emb, pos_emb, neg_emb, temperature=cfg.temperature,
+                                margin=cfg.margin)
+        if cfg.l2_weight > 0:
+            loss = loss + cfg.l2_weight * l2_alignment(q_emb, _rows(teacher_q_emb, idx, d, student.device))
+        return loss
+
+    # 3-5. optimiser, loop, save
+    return fit(student, len(queries), step_loss, cfg, checkpoint_dir=checkpoint_dir, on_step=on_step,
+               start_step=start_step, optimizer_state=optimizer_state)
+
+
+def train_teacher(encoder: Encoder, queries: list[str], ads_text_pos: list[str], cfg: TrainJob, *,
+                  hard_negative_texts: list[list[str]] | None = None, checkpoint_dir: str | Path | None = None,
+                  on_step: OnStep | None = None, start_step: int = 0,
+                  optimizer_state: dict | None = None) -> TrainResult:
+    """Phase 1: a symmetric dual encoder — one set of weights encodes queries (kind="query") and ads (kind="ad").
+
+    ads_text_pos[i] is the positive ad of queries[i]; hard_negative_texts[i] holds K ad texts (same K for all).
+    """
+    # 1. build: nothing to add; the encoder defines its own space (saving recomputes its weights hash)
+    # 2. data
+    if len(ads_text_pos) != len(queries):
+        raise ValueError(f"{len(queries)} queries but {len(ads_text_pos)} positive ads")
+    if hard_negative_texts is not None and (len(hard_negative_texts) != len(queries)
+                                            or len({len(h) for h in hard_negative_texts}) != 1):
+        raise ValueError("hard_negative_texts needs one list per query, all of the same length K")
+
+    def step_loss(idx: np.ndarray) -> Tensor:
+        q_emb = encoder(encoder.tokenize([queries[i] for i in idx], "query")).float()  # (B, d)
+        pos_emb = encoder(encoder.tokenize([ads_text_pos[i] for i in idx], "ad")).float()  # (B, d)
+        neg_emb = None
+        if hard_negative_texts is not None:
+            flat = [t for i in idx for t in hard_negative_texts[i]]
+            neg_emb = encoder(encoder.tokenize(flat, "ad")).float().view(len(idx), -1, q_emb.shape[1])  # (B, K, d)
+        return contrastive_loss(cfg.contrastive, q_emb, pos_emb, neg_emb, temperature=cfg.temperature,
+                                margin=cfg.margin)
+
+    # 3-5. optimiser, loop, save
+    return fit(encoder, len(queries), step_loss, cfg, checkpoint_dir=checkpoint_dir, on_step=on_step,
+               start_step=start_step, optimizer_state=optimizer_state)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def make_optimizer(model: nn.Module, cfg: TrainJob) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (dim ≥ 2) only, as nanoGPT does; parameter order is the module's."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def fit(model: Encoder, n_rows: int, step_loss: Callable[[np.ndarray], Tensor], cfg: TrainJob, *,
+        checkpoint_dir: str | Path | None = None, on_step: OnStep | None = None, start_step: int = 0,
+        optimizer_state: dict | None = None) -> TrainResult:
+    """Run steps start_step … total-1; checkpoint every cfg.checkpoint_every steps and at the end (if a dir)."""
+    total = total_steps(n_rows, cfg)
+    # 3. optimiser
+    optimizer = make_optimizer(model, cfg)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    # 4. loop
+    model.train()
+    losses, checkpoints, seen, t0 = [], [], 0, time.perf_counter()
+    for step in (bar := tqdm(range(start_step, total), initial=start_step, total=total, desc="train", disable=None)):
+        lr = lr_at(step, cfg, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout noise depends on (seed, step) only
+        idx = batch_indices(step, n_rows, cfg)
+        loss = step_loss(idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+
+        done, seen = step + 1, seen + len(idx)
+        losses.append(loss.item())
+        metrics: dict[str, Any] = {"loss": losses[-1], "lr": lr, "samples_per_s": seen / (time.perf_counter() - t0)}
+        if checkpoint_dir is not None and (done == total or cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            folder = Path(checkpoint_dir) / f"step-{done:07d}"
+            checkpoints.append(save_checkpoint(folder, model, optimizer, done, cfg, model.settings.target_space))
+            metrics["checkpoint"] = str(folder)
+        if done % cfg.log_every == 0 or done == total:
+            logger.info("step %d/%d loss %.4f lr %.2e %.0f samples/s", done, total, losses[-1], lr,
+                        metrics["samples_per_s"])
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if on_step is not None:
+            on_step(done, metrics, lambda done=done: {"model": model.state_dict(),
+                                                      "optimizer": optimizer.state_dict(), "step": done})
+    model.eval()
+    # 5. save: the caller (or checkpoint_dir above) decides where the trained encoder goes
+    return TrainResult(model, max(total, start_step), losses, optimizer.state_dict(), checkpoints,
+                       seen / max(time.perf_counter() - t0, 1e-9))
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_retrieval(query_emb: np.ndarray, query_ids: list[str], ad_emb: np.ndarray, ad_ids: list[str],
+                       qrels: dict[str, dict[str, float]], k: int = 100, *,
+                       teacher_metrics: dict[str, float] | None = None, chunk: int | None = None) -> dict[str, float]:
+    """Exact inner-product top-k of every query over all ads, scored by `hlm.metrics.evaluate` at k.
+
+    The slow reference for a FAISS index: query_emb (B, d) against ad_emb (N, d), `chunk` query rows at a time
+    (default: ~2^28 scores per chunk). With teacher_metrics, adds `recovery/<metric>` = student / teacher.
+    """
+    ads = torch.from_numpy(np.ascontiguousarray(ad_emb, dtype=np.float32))  # (N, d)
+    chunk = chunk or max(1, (1 << 28) // max(1, len(ad_ids)))
+    top = min(k, len(ad_ids))
+    D_parts, I_parts = [], []
+    for start in range(0, len(query_emb), chunk):
+        q = torch.from_numpy(np.ascontiguousarray(query_emb[start:start + chunk], dtype=np.float32))  # (b, d)
+        scores, positions = (q @ ads.T).topk(top, dim=1)  # (b, N) -> 2 × (b, k)
+        D_parts.append(scores.numpy())
+        I_parts.append(positions.numpy())
+    run = run_from_search(query_ids, np.concatenate(D_parts), np.concatenate(I_parts), ad_ids)
+    metrics = evaluate(run, qrels, ks=(k,))
+    if teacher_metrics:
+        metrics |= {f"recovery/{name}": v for name, v in recovery_table(metrics, teacher_metrics).items()}
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(folder: str | Path, encoder: Encoder, optimizer: torch.optim.Optimizer | dict, step: int,
+                    cfg: TrainJob, target_space: str | None = None) -> Path:
+    """The encoder (HF files + settings with target_space) + `trainer_state.pt` + `train.yaml`, written atomically."""
+    folder = Path(folder)
+    if target_space is not None:
+        encoder.settings.target_space = target_space
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.save(tmp)
+    state = optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+    torch.save({"optimizer": state, "step": step, "config": cfg.model_dump(mode="json")}, tmp / TRAINER_STATE)
+    (tmp / "train.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def load_checkpoint(folder: str | Path, runtime: Runtime | None = None) -> tuple[Encoder, dict, int]:
+    """(encoder, optimizer_state, step) to pass back as `train_*(encoder, …, start_step=step, optimizer_state=…)`."""
+    folder = Path(folder)
+    encoder = Encoder.load(folder, runtime)
+    state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
+    return encoder, state["optimizer"], int(state["step"])
