@@ -103,6 +103,7 @@ class Encoder(nn.Module):
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"  # pool() indexes the last real token from the right
         self.settings = settings
+        self.backbone.config.use_cache = False  # an encoder never generates: no KV cache (decoder backbones)
         width = backbone.config.hidden_size
         self.projection = nn.Linear(width, settings.projection_dim, bias=False) if settings.projection_dim else None
         if self.projection is not None:
