@@ -23,9 +23,10 @@ from hlm.cli import job_parser, start_job
 from hlm.config import Config, ModelRef
 from hlm.data import qrels_from_labels, read_embeddings
 from hlm.encoder import Encoder
+from hlm.evaluation import retrieval_quality
 from hlm.importers import write_dataset
 from hlm.index import AdIndex
-from hlm.metrics import evaluate, recovery, run_from_search
+from hlm.metrics import recovery
 from hlm.mining import mine_hard_negatives, positive_pairs, relevant_rows
 from hlm.store import IndexStore, redis_client
 from hlm.train import train_align, train_refine
@@ -38,11 +39,6 @@ DEMO_QUERIES = ["cordless drill 20v", "white interior paint 1 gallon", "brushed 
 
 def banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
-
-
-def score(index: AdIndex, q_emb, query_ids: list[str], qrels: dict) -> dict[str, float]:
-    D, I = index.search(q_emb, 100)  # noqa: E741 (B, 100)
-    return evaluate(run_from_search(query_ids, D, I, index.ids), qrels, ks=(10, 100))
 
 
 def start_redis(folder: Path) -> tuple[str, str]:
@@ -120,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     ad_text = dict(zip(train.ads["ad_id"].to_pylist(), train.ads["text"].to_pylist(), strict=True))
     base_index = AdIndex.build(ad_ids, base.encode([ad_text[a] for a in ad_ids], kind="ad"), base.space, "Flat")
     aligned = Encoder.load(out / "students" / "aligned", cfg.runtime)  # refine trained the in-memory copy
-    rows = {"teacher (mpnet-base, 110M)": score(teacher_index, dev_q_emb, dev_qids, qrels),
-            "student off-the-shelf (MiniLM, own index)": score(base_index, base.encode(queries), dev_qids, qrels),
-            "student aligned (teacher index)": score(teacher_index, aligned.encode(queries), dev_qids, qrels),
-            "student aligned + refined": score(teacher_index, refined.encode(queries), dev_qids, qrels)}
+    quality = lambda index, q_emb: retrieval_quality(index, q_emb, dev_qids, qrels)  # noqa: E731
+    rows = {"teacher (mpnet-base, 110M)": quality(teacher_index, dev_q_emb),
+            "student off-the-shelf (MiniLM, own index)": quality(base_index, base.encode(queries)),
+            "student aligned (teacher index)": quality(teacher_index, aligned.encode(queries)),
+            "student aligned + refined": quality(teacher_index, refined.encode(queries))}
     teacher_p100 = rows["teacher (mpnet-base, 110M)"]["P@100"]
     print(f"{'model':44s} {'P@100':>7s} {'R@100':>7s} {'nDCG@10':>8s} {'MRR@10':>7s} {'recovery':>9s}")
     for name, m in rows.items():

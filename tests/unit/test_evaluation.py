@@ -1,0 +1,58 @@
+"""Side-by-side evaluation: quality through the index, speed ratios, and the written report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hlm.data import write_embeddings
+from hlm.evaluation import compare, retrieval_quality, write_report
+from hlm.index import AdIndex
+from hlm.tiny import save_tiny_encoder, tiny_encoder
+from pipelines.evaluate import main
+
+ADS = [f"{w} {i}" for i, w in enumerate(["drill", "paint", "lamp", "door", "tile"] * 4)]
+QUERIES = ["drill", "paint", "lamp"]
+
+
+def test_a_query_equal_to_its_relevant_ad_scores_perfectly():
+    emb = np.eye(4, dtype=np.float32)  # ad i = query i
+    index = AdIndex.build(["a0", "a1", "a2", "a3"], emb, "s", "Flat")
+    m = retrieval_quality(index, emb[:2], ["q0", "q1"], {"q0": {"a0": 2.0}, "q1": {"a1": 1.0}}, ks=(1,))
+    assert m["P@1"] == 1.0 and m["MRR@1"] == 1.0 and m["R@1"] == 1.0
+
+
+def test_compare_reports_recovery_and_speed_ratios_against_the_teacher(tmp_path):
+    teacher = tiny_encoder("bert", seed=0)
+    index = AdIndex.build([f"a{i}" for i in range(len(ADS))], teacher.encode(ADS, kind="ad"), teacher.space)
+    qrels = {f"q{i}": {f"a{i}": 2.0} for i in range(3)}
+    reports = compare({"teacher": teacher, "student": tiny_encoder("bert", seed=1, layers=1)}, index, QUERIES,
+                      ["q0", "q1", "q2"], qrels, teacher="teacher")
+    by_name = {r.name: r for r in reports}
+    assert by_name["teacher"].recovery["P@100"] == 1.0 and by_name["teacher"].speed["latency_speedup"] == 1.0
+    assert by_name["student"].params < by_name["teacher"].params
+    paths = write_report(reports, tmp_path)
+    assert "| student |" in paths["md"].read_text() and paths["plot"].stat().st_size > 0
+    assert [r["name"] for r in json.loads(paths["json"].read_text())] == ["teacher", "student"]
+
+
+def test_evaluate_job_refuses_a_student_from_another_space(tmp_path, capsys):
+    teacher_dir = save_tiny_encoder(tmp_path / "teacher", "bert", seed=0)
+    other = save_tiny_encoder(tmp_path / "other", "bert", seed=3)
+    from hlm.encoder import Encoder
+
+    teacher = Encoder.load(teacher_dir)
+    write_embeddings(tmp_path / "ads.parquet", [f"a{i}" for i in range(len(ADS))], teacher.encode(ADS, kind="ad"),
+                     teacher.describe_space())
+    pq.write_table(pa.table({"query_id": ["q0"], "text": ["drill"]}), tmp_path / "q.parquet")
+    pq.write_table(pa.table({"query_id": ["q0"], "ad_id": ["a0"], "label": pa.array([2.0], pa.float32())}),
+                   tmp_path / "l.parquet")
+    common = ["--ads-emb", str(tmp_path / "ads.parquet"), "--queries", str(tmp_path / "q.parquet"), "--labels",
+              str(tmp_path / "l.parquet"), "--set", f"teacher.model={teacher_dir}", "--out", str(tmp_path / "out")]
+    assert main([*common, "--student", str(other)]) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert main(common) == 0
+    assert (tmp_path / "out" / "report.md").exists()
