@@ -23,7 +23,7 @@ from hlm.cli import job_parser, start_job
 from hlm.config import Config, ModelRef
 from hlm.data import DataError, embedding_schema, space_metadata
 from hlm.embedding import EmbedBatch, InputKind, validate_inputs
-from hlm.encoder import Encoder
+from hlm.encoder import describe_space_of
 from hlm.staging import OutputExists, StagedOutput, file_identity, job_key
 
 logger = logging.getLogger("pipelines.embed")
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_embed(cfg: Config, model: ModelRef, input_path: Path, kind: InputKind, out: Path) -> dict:
     """The job; returns the success record (also written to OUT/_SUCCESS.json)."""
     started = time.perf_counter()
-    space = Encoder.load(model, cfg.runtime).describe_space()  # fingerprint first: it is part of the job key
+    space = describe_space_of(model)  # part of the job key; read from settings, so the driver needs no GPU
     inputs = validate_inputs(input_path, kind)
     staged = StagedOutput(out, job_key({"inputs": file_identity(inputs.files), "space": space, "kind": kind}))
     if (done := staged.finished()) is not None:

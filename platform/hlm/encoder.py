@@ -51,6 +51,10 @@ class EncoderSettings:
         own = Space(self.weights_sha256, self.pooling.value, self.normalize, dim, self.query_prompt)
         return self.target_space or own.fingerprint
 
+    def describe(self, dim: int) -> dict:
+        return {"fingerprint": self.space(dim), "model": self.source, "pooling": self.pooling.value, "dim": dim,
+                "normalized": self.normalize, "query_prompt": self.query_prompt}
+
     @classmethod
     def from_json(cls, text: str) -> EncoderSettings:
         raw = json.loads(text)
@@ -125,9 +129,7 @@ class Encoder(nn.Module):
 
     def describe_space(self) -> dict:
         """What embeddings files and index manifests record about this encoder's space."""
-        s = self.settings
-        return {"fingerprint": self.space, "model": s.source, "pooling": s.pooling.value, "dim": self.dim,
-                "normalized": s.normalize, "query_prompt": s.query_prompt}
+        return self.settings.describe(self.dim)
 
     # ------------------------------------------------------------------------------------------ compute
     def tokenize(self, texts: list[str], kind: Kind = "query") -> dict[str, Tensor]:
@@ -204,10 +206,14 @@ def _resolve(ref: str | Path | ModelRef) -> tuple[Path, EncoderSettings]:
     return folder, replace(settings, **overrides)
 
 
-def space_of(ref: str | Path | ModelRef) -> str:
-    """An encoder's space fingerprint without loading its weights (for wiring Serve before replicas start)."""
+def describe_space_of(ref: str | Path | ModelRef) -> dict:
+    """`Encoder.describe_space()` without loading the weights: a CPU-only driver can wire GPU jobs and Serve."""
     folder, settings = _resolve(ref)
-    return settings.space(settings.projection_dim or AutoConfig.from_pretrained(folder).hidden_size)
+    return settings.describe(settings.projection_dim or AutoConfig.from_pretrained(folder).hidden_size)
+
+
+def space_of(ref: str | Path | ModelRef) -> str:
+    return describe_space_of(ref)["fingerprint"]
 
 
 def read_settings(folder: Path) -> EncoderSettings | None:

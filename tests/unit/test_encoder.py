@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hlm.config import ModelRef, Pooling
-from hlm.encoder import Encoder, pool
+from hlm.encoder import Encoder, describe_space_of, pool
 from hlm.tiny import tiny_encoder
 
 TEXTS = ["cordless drill 18v", "white ceiling paint", "brass lamp", "a much longer query about an oak door"]
@@ -83,3 +83,9 @@ def test_a_student_reports_the_space_it_was_aligned_to(tmp_path):
 def test_unknown_model_name_is_refused_without_touching_a_hub():
     with pytest.raises(Exception, match="never downloads"):
         Encoder.load("sentence-transformers/all-MiniLM-L6-v2")
+
+
+@pytest.mark.parametrize("projection_dim", [None, 48])
+def test_space_description_without_loading_weights_matches_the_loaded_encoder(tmp_path, projection_dim):
+    folder = tiny_encoder("qwen3", projection_dim=projection_dim).save(tmp_path / "m")
+    assert describe_space_of(folder) == Encoder.load(folder).describe_space()
