@@ -42,22 +42,22 @@ def validate_inputs(path: str | Path, kind: InputKind) -> ValidatedInput:
     valid, rejected, seen = [], [], set()
     for f in files:
         table = pq.read_table(f)
-        if kind == "ads" and "deleted" in table.column_names:
-            table = table.filter(pa.compute.invert(pa.compute.fill_null(table.column("deleted"), False)))
-        good, bad = split_valid(table, contract, str(f))
+        good, bad = split_valid(table.append_column("_pos", pa.array(np.arange(table.num_rows))), contract, str(f))
+        if kind == "ads" and "deleted" in good.column_names:  # after validation, so row numbers stay the file's
+            good = good.filter(pa.compute.invert(pa.compute.fill_null(good.column("deleted"), False)))
         ids = good.column(contract.key).to_pylist()
         dup = np.array([i in seen for i in ids], dtype=bool)
         seen.update(ids)
         if dup.any():
-            rows = np.flatnonzero(dup)
-            extra = good.filter(pa.array(dup)).append_column("_row", pa.array(rows, pa.int64()))
-            bad = pa.concat_tables([bad, extra.append_column(
-                "_reason", pa.array([f"{contract.key} duplicate id seen in an earlier file"] * len(rows)))],
-                promote_options="permissive")
+            extra = good.filter(pa.array(dup))
+            extra = extra.append_column("_row", extra.column("_pos")).append_column(
+                "_reason", pa.array([f"{contract.key} duplicate id seen in an earlier file"] * extra.num_rows))
+            bad = pa.concat_tables([bad, extra], promote_options="permissive")
             good = good.filter(pa.array(~dup))
         valid.append(good.select([contract.key, contract.text]).rename_columns(["id", "text"]))
         if bad.num_rows:
-            rejected.append(bad.append_column("_file", pa.array([str(f)] * bad.num_rows, pa.string())))
+            bad = bad.drop_columns(["_pos"]).append_column("_file", pa.array([str(f)] * bad.num_rows, pa.string()))
+            rejected.append(bad)
     rows = pa.concat_tables(valid)
     rejected_table = (pa.concat_tables(rejected, promote_options="permissive") if rejected
                       else pa.table({"_file": pa.array([], pa.string()), "_row": pa.array([], pa.int64()),
