@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,43 @@ class TrainJob(_Section):
         return v
 
 
+class RefreshJob(_Section):
+    """The nightly index refresh (`hlm.refresh`): embed new and changed ads, drop deleted ones, gate, publish."""
+
+    ads: str = Field("", description="Parquet file or folder of the current ad catalogue (required by the job)")
+    index: str = Field("ads", description="index name in Redis: keys hlm:{index}:*")
+    factory: str = Field("Flat", description="FAISS index_factory string, e.g. Flat, HNSW32, IVF4096,PQ64")
+    redis_url: str | None = Field(None, description="None = $HLM_REDIS_URL, else redis://127.0.0.1:6379/0")
+    work_dir: str = Field("runs/refresh", description="one folder per run: embeddings, text hashes, run record; "
+                          "the published version's folder is the next run's previous state, so keep it")
+    min_recall: float = Field(0.95, ge=0, description="gate: ANN recall@10 vs exact search, ad vectors as queries")
+    recall_sample: int = Field(1000, gt=0, description="how many ad vectors the recall gate uses as queries")
+    canary_queries: str | None = Field(None, description="gate: canary queries (Parquet, queries contract)")
+    canary_labels: str | None = Field(None, description="gate: labels of the canary queries (labels contract)")
+    max_quality_drop: float = Field(0.02, ge=0, description="gate: largest absolute drop of the primary metric "
+                                    "(P@100) on the canary set vs the serving version")
+    keep_versions: int = Field(3, gt=0, description="published versions kept in Redis after a publish (gc)")
+
+    @model_validator(mode="after")
+    def _canary_pair(self) -> RefreshJob:
+        if (self.canary_queries is None) != (self.canary_labels is None):
+            raise ValueError("canary_queries and canary_labels go together: set both or neither")
+        return self
+
+
+class TrainCluster(_Section):
+    """How `pipelines.train` runs on Ray Train: workers, devices, where runs and checkpoints live, retries."""
+
+    num_workers: int = Field(1, gt=0, description="training workers (DDP ranks); each trains on its 1/n of the rows")
+    use_gpu: bool = Field(False, description="one GPU per worker (`profile: gpu` sets it)")
+    storage_path: str = Field("runs/ray_results", description="Ray Train run folders: checkpoints and resume "
+                              "state; a relative path is taken from the working directory; use shared storage "
+                              "(s3://, gs://, NFS) on a multi-node cluster")
+    max_failures: int = Field(0, ge=-1, description="restart the workers from the latest checkpoint this many "
+                              "times (-1 = forever, e.g. on spot instances)")
+    num_to_keep: int = Field(2, gt=0, description="checkpoints kept in storage (the newest is always kept)")
+
+
 class Config(_Section):
     profile: Profile = Profile.cpu
     seed: int = 0
@@ -105,6 +142,8 @@ class Config(_Section):
     student: ModelRef = ModelRef(model="student-default")
     embed: EmbedJob = EmbedJob()
     train: TrainJob = TrainJob()
+    cluster: TrainCluster = TrainCluster()
+    refresh: RefreshJob = RefreshJob()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -122,6 +161,7 @@ PROFILES: dict[Profile, dict[str, Any]] = {
     Profile.gpu: {
         "runtime": {"device": "cuda", "dtype": "bfloat16"},
         "embed": {"batch_size": 512, "num_gpus": 1.0, "num_cpus": 4.0},
+        "cluster": {"use_gpu": True},
     },
 }
 
