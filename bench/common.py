@@ -12,8 +12,8 @@ import torch
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    return {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
