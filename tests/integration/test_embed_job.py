@@ -113,9 +113,9 @@ def test_killed_job_leaves_no_output_and_the_rerun_is_exactly_once(ray_cluster, 
 
 def test_embed_job_runs_under_ray_job_submit(ray_cluster, tiny_bert_dir, tmp_path):
     write_ads(tmp_path / "ads.parquet", n=30)
-    ray_bin = Path(sys.executable).parent / "ray"
-    cmd = [str(ray_bin), "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(REPO),
-           "--", *_embed_cmd(tiny_bert_dir, tmp_path / "ads.parquet", tmp_path / "out")]
+    ray_bin, job_id = str(Path(sys.executable).parent / "ray"), f"embed-{tmp_path.name}"
+    cmd = [ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(REPO),
+           "--submission-id", job_id, "--", *_embed_cmd(tiny_bert_dir, tmp_path / "ads.parquet", tmp_path / "out")]
     for _ in range(12):  # the dashboard's job agent registers a while after ray.init on a loaded machine
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
         if "No available agent to submit job" not in done.stdout + done.stderr:
@@ -124,3 +124,9 @@ def test_embed_job_runs_under_ray_job_submit(ray_cluster, tiny_bert_dir, tmp_pat
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "embedded 30 ads" in done.stdout
     assert json.loads((tmp_path / "out" / SUCCESS).read_text())["rows_written"] == 30
+    # and the cluster reports the job's status and keeps its logs
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(ray_cluster["dashboard"])
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED
+    assert "embedded 30 ads" in client.get_job_logs(job_id)
