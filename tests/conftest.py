@@ -5,10 +5,12 @@ Expensive things are started once per session (style principle 12); tests take c
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def received(sub, n: int, timeout_s: float = 5.0) -> list[bytes]:
+    """The data of the next ``n`` pub/sub messages (the first get_message only consumes the subscribe ack)."""
+    out: list[bytes] = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < n and time.monotonic() < deadline:
+        if (message := sub.get_message(timeout=0.1)) is not None:
+            out.append(message["data"])
+    return out
+
+
+def assert_valid_serve_config(config: dict) -> None:
+    """A `serve deploy` config whose apps import from this repo and whose args fit the typed builder."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import AppArgs
+
+    ServeDeploySchema.model_validate(config)
+    for app in config["applications"]:
+        module, attr = app["import_path"].split(":")
+        assert callable(getattr(importlib.import_module(module), attr))
+        AppArgs.model_validate(app["args"])
 
 
 @pytest.fixture(scope="session")

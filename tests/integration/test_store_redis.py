@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from functools import cache
@@ -15,6 +14,7 @@ import hlm.index
 from hlm.index import AdIndex
 from hlm.space import SpaceMismatch
 from hlm.store import IndexStore, IntegrityError, PublishError, redis_client
+from tests.conftest import received
 
 pytestmark = pytest.mark.integration
 N, D_MODEL = 2000, 32
@@ -27,16 +27,6 @@ def ivf_index(seed: int = 0, space: str = "space-a") -> AdIndex:
     x = centres[rng.integers(0, 32, N)] + 0.5 * rng.standard_normal((N, D_MODEL)).astype(np.float32)  # (N, d)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return AdIndex.build([f"ad-{seed}-{i}" for i in range(N)], x, space, "IVF16,Flat", nprobe=4)
-
-
-def received(sub: redis.client.PubSub, n: int, timeout_s: float = 5.0) -> list[bytes]:
-    """The data of the next ``n`` messages (the first get_message only consumes the subscribe ack)."""
-    out: list[bytes] = []
-    deadline = time.monotonic() + timeout_s
-    while len(out) < n and time.monotonic() < deadline:
-        if (message := sub.get_message(timeout=0.1)) is not None:
-            out.append(message["data"])
-    return out
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ they name against pipelines/, and the image and the Redis config against the rul
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import re
 import shlex
@@ -19,6 +18,8 @@ import pytest
 import ray
 import ray.autoscaler
 import yaml
+
+from tests.conftest import assert_valid_serve_config
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = REPO / "ray_cluster.yaml"
@@ -138,19 +139,11 @@ def test_every_kuberay_manifest_parses_and_names_its_kind():
 
 
 def test_rayservice_serve_config_is_serving_config_with_the_gpu_profile():
-    from ray.serve.schema import ServeDeploySchema
-
-    from serving.app import AppArgs
-
     # Given the RayService's serveConfigV2 (a YAML string) and the local serve deploy config
     serve_config = yaml.safe_load(the_one("RayService")["spec"]["serveConfigV2"])
     local = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
     # Then it is a valid serve deploy config whose apps build with this repo's typed builder
-    ServeDeploySchema.model_validate(serve_config)
-    for app in serve_config["applications"]:
-        module, attr = app["import_path"].split(":")
-        assert callable(getattr(importlib.import_module(module), attr))
-        AppArgs.model_validate(app["args"])
+    assert_valid_serve_config(serve_config)
     # And its applications are serving/config.yaml's, except for the profile
     expected = copy.deepcopy(local["applications"])
     for app in expected:

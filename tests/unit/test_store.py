@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from datetime import UTC, datetime, timedelta
 
 import faiss
@@ -16,6 +15,7 @@ import redis
 
 from hlm.index import AdIndex
 from hlm.store import IndexStore, IntegrityError, PublishError, StoreError, new_version, redis_client
+from tests.conftest import received
 
 N, D_MODEL = 300, 16
 
@@ -33,16 +33,6 @@ def client() -> fakeredis.FakeRedis:
 @pytest.fixture
 def store(client: fakeredis.FakeRedis) -> IndexStore:
     return IndexStore(client, "ads", chunk_bytes=1024)
-
-
-def received(sub: redis.client.PubSub, n: int, timeout_s: float = 5.0) -> list[bytes]:
-    """The data of the next ``n`` messages (the first get_message only consumes the subscribe ack)."""
-    out: list[bytes] = []
-    deadline = time.monotonic() + timeout_s
-    while len(out) < n and time.monotonic() < deadline:
-        if (message := sub.get_message(timeout=0.1)) is not None:
-            out.append(message["data"])
-    return out
 
 
 def keys(client: redis.Redis) -> set[str]:
