@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import ray
 
-from hlm.cli import job_parser, start_job
+from hlm.cli import init_ray, job_parser, start_job
 from hlm.config import Config, ModelRef
 from hlm.data import DataError, embedding_schema, space_metadata
 from hlm.embedding import EmbedBatch, InputKind, validate_inputs
@@ -95,11 +95,16 @@ def _fit_actor_pool(actors: int, cpus: float, gpus: float) -> int:
     return actors
 
 
+def local_pool_cpus(cfg: Config) -> float:
+    """CPUs a local cluster needs for the configured actor pool plus one slot for reading and writing."""
+    return cfg.embed.num_actors * cfg.embed.num_cpus + 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = start_job("embed", args)
     model = cfg.teacher.model_copy(update={"model": args.model}) if args.model else cfg.teacher
-    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    init_ray(local_pool_cpus(cfg), log_to_driver=False)
     try:
         run_embed(cfg, model, args.input, args.kind, args.out)
     except (DataError, OutputExists) as e:

@@ -13,12 +13,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import ray
-
-from hlm.cli import job_parser, start_job
+from hlm.cli import init_ray, job_parser, start_job
 from hlm.config import ConfigError
 from hlm.refresh import EXIT_CODES, refresh
-from pipelines.embed import run_embed
+from pipelines.embed import local_pool_cpus, run_embed
 
 
 def summary(rec: dict) -> str:
@@ -40,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = start_job("refresh_index", args)
 
     def embed(input_path: Path, kind: str, out: Path) -> Path:  # Ray starts only when something must be embedded
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+        init_ray(local_pool_cpus(cfg), log_to_driver=False)
         run_embed(cfg, cfg.teacher, input_path, kind, out)
         return out
 

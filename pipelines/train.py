@@ -48,7 +48,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from hlm.cli import job_parser, start_job
+from hlm.cli import init_ray, job_parser, start_job
 from hlm.config import Config, ModelRef, Runtime
 from hlm.data import DataError, qrels_from_labels, read_ads, read_embeddings, read_labels, read_queries
 from hlm.encoder import Encoder
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg.save(out / "train.config.yaml")
     run_name = args.run_name or f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    ray.init(ignore_reinit_error=True)
+    init_ray(cfg.cluster.num_workers + 1)  # the trainer's coordinator takes a slot beside the workers
     started = time.perf_counter()
     try:
         result = run_train(cfg, init, data, run_name)

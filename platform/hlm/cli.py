@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import random
 import sys
@@ -50,3 +51,25 @@ def start_job(name: str, args: argparse.Namespace, out_dir: Path | None = None,
     except ImportError:
         pass
     return cfg
+
+
+def init_ray(local_cpus: float | None = None, **kwargs) -> None:
+    """Join the cluster a job was submitted to (RAY_ADDRESS, or a `ray start` cluster on this machine), else
+    start a local one with at least `local_cpus` logical CPUs.
+
+    Jobs size `local_cpus` as their actors plus one: a cluster with only as many CPUs as cores cannot hold
+    two encoder actors *and* give Ray Data a slot to read and write on a 2-core machine.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)
+        return
+    cpus = max(os.cpu_count() or 1, math.ceil(local_cpus)) if local_cpus else None
+    try:
+        ray.init(num_cpus=cpus, **kwargs)
+    except ValueError:  # found a running `ray start` cluster: its size is not ours to set
+        ray.init(**kwargs)
+    logger.info("ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
