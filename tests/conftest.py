@@ -81,3 +81,31 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from hlm.tiny import save_tiny_encoder
 
     return save_tiny_encoder(tmp_path_factory.mktemp("models") / "tiny-bert", "bert")
+
+
+@pytest.fixture(scope="session")
+def catalog_split(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The built-in catalogue (120 ads, 60 queries → 45 train / 15 dev) with a tiny 48-d teacher (seed 1) saved on
+    disk and its ad and query embeddings written as embeddings files: the inputs of the training-side jobs."""
+    from hlm.catalog import generate_catalog, split_queries
+    from hlm.data import write_embeddings
+    from hlm.encoder import Encoder
+    from hlm.importers import write_dataset
+    from hlm.tiny import save_tiny_encoder
+
+    root = tmp_path_factory.mktemp("catalog-split")
+    train, dev = split_queries(generate_catalog(n_ads=120, n_queries=60), 0.25)
+    write_dataset(train, root / "train")
+    write_dataset(dev, root / "dev")
+    teacher_dir = save_tiny_encoder(root / "teacher", "bert", hidden=48, seed=1)
+    teacher = Encoder.load(teacher_dir)
+    space = teacher.describe_space()
+    write_embeddings(root / "emb" / "ads.parquet", train.ads["ad_id"].to_pylist(),
+                     teacher.encode(train.ads["text"].to_pylist(), kind="ad"), space)
+    for name, split in (("queries_train", train), ("queries_dev", dev)):
+        write_embeddings(root / "emb" / f"{name}.parquet", split.queries["query_id"].to_pylist(),
+                         teacher.encode(split.queries["text"].to_pylist()), space)
+    return {"root": root, "teacher": teacher_dir, "train_queries": root / "train/queries.parquet",
+            "teacher_queries": root / "emb/queries_train.parquet", "ads_emb": root / "emb/ads.parquet",
+            "dev_queries": root / "dev/queries.parquet", "dev_labels": root / "dev/labels.parquet",
+            "dev_teacher_queries": root / "emb/queries_dev.parquet", "space": space["fingerprint"]}

@@ -1,0 +1,84 @@
+"""The study's pure pieces (trial layout, Pareto front, truncation, id join) and one trial run in-process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hlm.config import load_config
+from hlm.data import DataError, write_embeddings
+from hlm.metrics import PRIMARY_METRIC
+from hlm.study import (
+    StudyConfig,
+    StudyInputs,
+    StudySweep,
+    Trial,
+    cut,
+    embeddings_for,
+    pareto_front,
+    run_trial,
+    teacher_quality,
+    trials,
+    write_study_report,
+)
+
+
+def test_one_at_a_time_varies_exactly_one_axis_from_the_base_point():
+    sweep = StudySweep(objectives=["l2", "cosine", "score_kl"], widths=["projection", "truncate"], depths=[6, 3],
+                       lrs=[1e-4, 3e-4])
+    layout = trials(sweep)
+    base = Trial("l2", "projection", 6, 1e-4)
+    assert layout[0] == base
+    assert len(layout) == 1 + 2 + 1 + 1 + 1
+    for t in layout[1:]:
+        assert sum(a != b for a, b in zip(vars(t).values(), vars(base).values(), strict=True)) == 1
+
+
+def test_grid_design_is_the_full_product_and_names_are_unique():
+    layout = trials(StudySweep(design="grid", objectives=["l2", "cosine"], widths=["projection", "truncate"],
+                               depths=[2], lrs=[1e-4, 1e-3]))
+    assert len(layout) == 8
+    assert len({t.name for t in layout}) == 8
+
+
+def test_pareto_front_keeps_points_no_other_point_beats_on_both_axes():
+    # (latency, recovery): b dominates a; c is faster but worse; d is dominated by c
+    points = [(10.0, 0.90), (8.0, 0.95), (3.0, 0.80), (4.0, 0.70)]
+    assert pareto_front(points) == [1, 2]
+
+
+def test_cut_takes_the_first_dims_and_renormalises():
+    emb = np.array([[3.0, 4.0, 12.0]], dtype=np.float32) / 13.0
+    assert np.allclose(cut(emb, 2), [[0.6, 0.8]])
+    assert cut(emb, 3) is emb
+
+
+def test_embeddings_for_names_the_file_and_a_missing_query(tmp_path):
+    path = write_embeddings(tmp_path / "q.parquet", ["a", "b"], np.eye(2, dtype=np.float32),
+                            {"fingerprint": "f" * 16, "dim": 2, "model": "m", "pooling": "mean", "normalized": True})
+    rows, space = embeddings_for(["b", "a"], path)
+    assert np.array_equal(rows, [[0, 1], [1, 0]]) and space == "f" * 16
+    with pytest.raises(DataError, match=r"q\.parquet.*'zz'"):
+        embeddings_for(["a", "zz"], path)
+
+
+def test_a_trial_aligns_a_student_and_reports_quality_recovery_and_speed(catalog_split, tiny_bert_dir, tmp_path):
+    cfg = load_config(None, [f"student.model={tiny_bert_dir}", f"teacher.model={catalog_split['teacher']}",
+                             "train.max_steps=6", "train.batch_size=8", "train.lr=3e-3", "study.latency_queries=5"],
+                      StudyConfig)
+    inputs = StudyInputs(*(catalog_split[k] for k in ("train_queries", "teacher_queries", "ads_emb", "dev_queries",
+                                                       "dev_labels", "dev_teacher_queries")))
+    teacher = teacher_quality(inputs)
+    results = [run_trial(Trial(objective, width, 1, 3e-3), cfg, inputs, teacher)
+               for objective, width in (("l2", "projection"), ("cosine", "truncate"))]
+    projection, truncated = results
+    assert projection["dim"] == 48 and truncated["dim"] == 32  # the tiny student is 32 wide, the teacher 48
+    assert projection["layers"] == truncated["layers"] == 1
+    assert projection["steps"] == 6 and projection["final_loss"] > 0
+    for r in results:
+        assert 0 <= r["quality"]["R@100"] <= 1
+        assert r["recovery"][PRIMARY_METRIC] == pytest.approx(r["quality"][PRIMARY_METRIC] / teacher[PRIMARY_METRIC])
+        assert r["speed"]["latency_p50_ms"] > 0
+    report = write_study_report(results, {"quality": teacher, "speed": {"latency_p50_ms": 1.0}}, tmp_path)
+    assert report["plot"].stat().st_size > 0
+    assert "l2-projection-L1" in report["md"].read_text()
