@@ -1,0 +1,116 @@
+"""Redis SIGKILLed in the middle of a publish: `current` still names the old, complete version after Redis comes
+back, the publish fails with a clear error, and a rerun succeeds.
+
+The server runs with an fsync'ed append-only file, as a production index store should (infra/kuberay): a
+kill then loses no acknowledged write, so what survives the restart is exactly what the publish had committed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from hlm.index import AdIndex
+from hlm.store import IndexStore, PublishError, redis_client
+from tests.conftest import REPO, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.reliability]
+
+
+class DurableRedis:
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port, self.pid = folder, free_port(), 0
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        out = subprocess.run([str(REPO / "infra/redis/start.sh"), str(self.port), str(self.folder), "--appendonly",
+                              "yes", "--appendfsync", "always"], check=True, capture_output=True, text=True)
+        self.pid = int(out.stdout.strip())
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"redis-server {self.pid} survived SIGKILL")
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[DurableRedis]:
+    server = DurableRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    subprocess.run(["kill", str(server.pid)], check=False, capture_output=True)
+
+
+def flat_index(seed: int, n: int = 3000, d: int = 32) -> AdIndex:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return AdIndex.build([f"ad-{seed}-{i}" for i in range(n)], x, "space-a", "Flat")
+
+
+def kill_at_chunk(store: IndexStore, server: DurableRedis, n: int) -> Callable[[], None]:
+    """Make the server die just before the publish writes chunk `n` (the SET then meets a dead socket)."""
+    real_set = store.client.set
+
+    def set_(key, value, *args, **kwargs):
+        if key == store.chunk_key(key.split(":v:")[1].split(":")[0], n):
+            server.kill()
+        return real_set(key, value, *args, **kwargs)
+
+    store.client.set = set_
+    return lambda: setattr(store.client, "set", real_set)
+
+
+def kill_before_commit(store: IndexStore, server: DurableRedis) -> Callable[[], None]:
+    """Make the server die after every chunk is written and verified, just before the MULTI/EXEC."""
+    real_commit = store._commit
+
+    def commit(version: str) -> None:
+        server.kill()
+        real_commit(version)
+
+    store._commit = commit
+    return lambda: setattr(store, "_commit", real_commit)
+
+
+@pytest.mark.parametrize("kill", ["while writing chunks", "before the final MULTI/EXEC"])
+def test_redis_killed_mid_publish_keeps_the_old_version_current_and_a_rerun_succeeds(durable_redis, kill):
+    store = IndexStore(redis_client(durable_redis.url), "ads", chunk_bytes=16 * 1024)
+    old = store.publish(flat_index(0))
+    undo = kill_at_chunk(store, durable_redis, 5) if kill == "while writing chunks" else kill_before_commit(
+        store, durable_redis)
+    with pytest.raises(PublishError, match=r"publishing ads version .*(current is unchanged|whether it landed)"):
+        store.publish(flat_index(1))
+    undo()
+
+    durable_redis.start()  # same folder: the append-only file replays every acknowledged write
+    store = IndexStore(redis_client(durable_redis.url), "ads", chunk_bytes=16 * 1024)
+    assert store.current() == old and store.versions() == [old]
+    assert store.load().ids == flat_index(0).ids  # complete: every chunk is there and its sha256 matches
+    store.gc(orphans_older_than_s=0)  # the dead publish's leftovers (its cleanup could not reach Redis)
+    assert {k.split(b":")[3].decode() for k in store.client.scan_iter(match="hlm:ads:v:*")} == {old}
+
+    new = store.publish(flat_index(1))
+    assert store.current() == new and store.load().ids == flat_index(1).ids
+
+
+def test_a_killed_redis_is_a_clear_publish_error_not_a_hang(durable_redis):
+    store = IndexStore(redis_client(durable_redis.url), "ads")
+    durable_redis.kill()
+    with pytest.raises(PublishError, match="current is unchanged.*ConnectionError"):
+        store.publish(flat_index(2))
+    with pytest.raises(redis.ConnectionError):
+        store.client.ping()
