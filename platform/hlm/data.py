@@ -269,6 +269,32 @@ def read_embedding_space(path: str | os.PathLike) -> dict:
     return json.loads(meta[EMBEDDING_META_KEY])
 
 
+def _embedding_ids(table: pa.Table, source: Path) -> list[str]:
+    ids = table.column("id").to_pylist()
+    if (row := next((i for i, v in enumerate(ids) if v is None or not str(v).strip()), None)) is not None:
+        raise DataError(f"{source}: row {row}, field 'id': is null or empty")
+    return [str(v) for v in ids]
+
+
+def _embedding_matrix(col: pa.Array, source: Path) -> np.ndarray:
+    """float32 (n, d) from a fixed-size (or equal-length) list column; names the first bad row."""
+    if not (pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type)) or not (
+            pa.types.is_floating(col.type.value_type) or pa.types.is_integer(col.type.value_type)):
+        raise DataError(f"{source}: field 'embedding' is {col.type}, expected a fixed-size list of float32")
+    if col.null_count:
+        raise DataError(f"{source}: row {col.is_null().to_pylist().index(True)}, field 'embedding': is null")
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths != lengths[0]).any():
+        row = int(np.flatnonzero(lengths != lengths[0])[0])
+        raise DataError(f"{source}: row {row}, field 'embedding': {lengths[row]} values, row 0 has {lengths[0]}")
+    dim = int(lengths[0]) if len(lengths) else 0
+    emb = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(col), dim)
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        raise DataError(f"{source}: row {int(np.flatnonzero(bad)[0])}, field 'embedding': not finite (NaN or inf)")
+    return emb
+
+
 def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray, dict]:
     """(ids, float32 (n, d), space) from a file or a folder; all files must share one space."""
     files = parquet_files(path)
@@ -281,12 +307,8 @@ def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray, dic
         table = _read_one(f)
         if "id" not in table.column_names or "embedding" not in table.column_names:
             raise DataError(f"{f}: an embeddings file needs columns 'id' and 'embedding'")
-        col = table.column("embedding").combine_chunks()
-        dim = col.type.list_size if pa.types.is_fixed_size_list(col.type) else None
-        flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        dim = dim or (flat.size // max(len(col), 1))
-        ids += table.column("id").to_pylist()
-        mats.append(flat.reshape(len(col), dim))
+        ids += _embedding_ids(table, f)
+        mats.append(_embedding_matrix(table.column("embedding").combine_chunks(), f))
     emb = np.concatenate(mats) if mats else np.zeros((0, 0), np.float32)
     dupes = len(ids) - len(set(ids))
     if dupes:
