@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,9 @@ def run_embed(cfg: Config, model: ModelRef, input_path: Path, kind: InputKind, o
     staging = staged.begin()
 
     actors = _fit_actor_pool(cfg.embed.num_actors, cfg.embed.num_cpus, cfg.embed.num_gpus)
-    ds = ray.data.from_arrow(inputs.rows).repartition(max(1, actors * 4))
+    # blocks of ~8 encoder batches: enough to keep every actor busy, small enough that progress moves
+    blocks = max(actors * 4, math.ceil(inputs.rows.num_rows / (cfg.embed.batch_size * 8)))
+    ds = ray.data.from_arrow(inputs.rows).repartition(blocks)
     ds = ds.map_batches(
         EmbedBatch,
         fn_constructor_kwargs={"model": model.model_dump(), "kind": kind, "batch_size": cfg.embed.batch_size,
