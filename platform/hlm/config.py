@@ -30,6 +30,15 @@ class Pooling(StrEnum):
     last_token = "last_token"  # decoder models (Qwen3-Embedding style): the final non-padding token
 
 
+class Precision(StrEnum):
+    """How an encoder computes at inference (`hlm.precision`); never part of the embedding space."""
+
+    fp32 = "fp32"  # the reference
+    bf16 = "bf16"  # CPU or GPU
+    fp16 = "fp16"  # GPU only
+    int8 = "int8"  # CPU only: torch dynamic quantisation of every nn.Linear
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_enum_values=False)
 
@@ -47,6 +56,9 @@ class ModelRef(_Section):
     pooling: Pooling | None = Field(None, description="override the folder's pooling (None = keep)")
     max_length: int | None = Field(None, gt=0, description="override the folder's max tokens (None = keep)")
     query_prompt: str | None = Field(None, description="instruction prefixed to queries only (None = keep)")
+    precision: Precision | None = Field(
+        None, description="inference precision: fp32 | bf16 | fp16 (GPU) | int8 (CPU); None = runtime.dtype "
+        "(fp32 on CPU, bf16 with profile gpu). encode() returns float32 whatever it is")
 
 
 class EmbedJob(_Section):
@@ -57,6 +69,17 @@ class EmbedJob(_Section):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per encoder actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per encoder actor (1 on A100 workers)")
     rows_per_file: int = Field(50_000, gt=0, description="output rows per Parquet file (a hint)")
+
+
+class LoraSettings(_Section):
+    """Low-rank adapters for the teacher phase (peft): W + (alpha/r)·B·A on the target matrices, the rest frozen."""
+
+    r: int = Field(16, gt=0, description="adapter rank (the paper's best teacher run: 256)")
+    alpha: float = Field(32.0, gt=0, description="scale numerator: the update is (alpha / r)·B·A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="module names to adapt; None = peft's default for the architecture (query/value "
+        "projections of BERT, Qwen3, Llama); MPNet needs them named, e.g. [q, v]")
 
 
 class TrainJob(_Section):
@@ -88,6 +111,15 @@ class TrainJob(_Section):
     log_every: int = Field(10, gt=0, description="log loss and samples/s every N steps")
     eval_k: int = Field(100, gt=0, description="k of the retrieval metrics (the paper's P@100)")
     seed: int = Field(0, description="seeds batch order and dropout; a resumed run replays the same steps")
+    lora: LoraSettings | None = Field(None, description="phase teacher: train LoRA adapters instead of all weights; "
+                                      "checkpoints hold the merged plain model")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, "
+                                         "~30% more compute")
+    mixed_precision: Literal["auto", "off", "bf16"] = Field(
+        "auto", description="bf16 autocast of the forward passes over fp32 weights and optimizer state; "
+        "'auto' = bf16 on CUDA, off on CPU")
+    prune_ffn_ratio: float = Field(1.0, gt=0, le=1, description="fraction of the FFN width each prune step keeps "
+                                   "(the neurons with the largest weights); 1 = drop layers only")
 
     @field_validator("prune_schedule")
     @classmethod
@@ -95,6 +127,12 @@ class TrainJob(_Section):
         if any(n < 1 for n in v) or any(a <= b for a, b in zip(v, v[1:], strict=False)):
             raise ValueError(f"must be positive layer counts in decreasing order, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _lora_is_for_the_teacher(self) -> TrainJob:
+        if self.lora is not None and self.phase != "teacher":
+            raise ValueError(f"lora: only phase teacher trains adapters, this is phase {self.phase}")
+        return self
 
 
 class RefreshJob(_Section):

@@ -55,6 +55,16 @@ def mine_hard_negatives(pairs: Pairs, q_emb: np.ndarray, index: AdIndex, relevan
     return Pairs(pairs.query_ids, pairs.queries, pairs.positive_ad_idx, hard)
 
 
+def relevant_from_labels(labels: pa.Table, ad_ids: list[str]) -> dict[str, set[int]]:
+    """relevant[qid] = rows of ad_ids labelled > 0 for qid: every judged-relevant ad, not only the training pairs'."""
+    row_of = {a: i for i, a in enumerate(ad_ids)}
+    relevant: dict[str, set[int]] = {}
+    for q, a, y in zip(*(labels[c].to_pylist() for c in ("query_id", "ad_id", "label")), strict=True):
+        if y > 0 and a in row_of:
+            relevant.setdefault(q, set()).add(row_of[a])
+    return relevant
+
+
 def relevant_rows(pairs: Pairs) -> dict[str, set[int]]:
     out: dict[str, set[int]] = {}
     for q, a in zip(pairs.query_ids, pairs.positive_ad_idx.tolist(), strict=True):

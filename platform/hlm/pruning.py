@@ -1,29 +1,38 @@
-"""Progressive layer pruning (the optional phase between align and refine): cut layers step by step, re-align each.
+"""Progressive pruning (the optional phase between align and refine): cut layers and FFN width step by step,
+re-aligning after each step.
 
 Which layers stay: `kept_layers(L, n)` spreads n layers evenly over the stack and always keeps the first and
 the last (n ≥ 2), i.e. round(linspace(0, L−1, n)): 6 → 4 keeps [0, 2, 3, 5], 28 → 4 keeps [0, 9, 18, 27];
-n = 1 keeps layer 0. The paper cut 28 → 4 layers in steps for ~1% P@100 and found one-shot pruning worse;
-it also narrowed the FFNs, which this module does not do.
+n = 1 keeps layer 0. The paper cut 28 → 4 layers in steps for ~1% P@100 and found one-shot pruning worse.
+It also narrowed the FFNs: `prune_ffn` keeps, in every layer, the hidden neurons with the largest weights
+(`neuron_importance`), and `train_prune` does so at each step when `prune_ffn_ratio` < 1.
 
-Works on the BERT-style stacks (`backbone.encoder.layer`: BERT, MiniLM, MPNet, RoBERTa) and the decoder
-stacks (`backbone.layers`: Qwen3, Llama, Mistral). The HF config is updated (`num_hidden_layers`, and
-`layer_types` where present) so the pruned model saves and loads like any other.
+Works on the BERT-style stacks (`backbone.encoder.layer`, FFN `intermediate.dense` → `output.dense`: BERT,
+MiniLM, MPNet, RoBERTa) and the decoder stacks (`backbone.layers`, gated FFN `mlp.{gate,up}_proj` →
+`mlp.down_proj`: Qwen3, Llama, Mistral). The HF config is updated (`num_hidden_layers`, `layer_types` where
+present, `intermediate_size`) so the pruned model saves and loads like any other.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from hlm.checkpoint import save_checkpoint
 from hlm.config import TrainJob
 from hlm.encoder import Encoder
-from hlm.train import OnStep, save_checkpoint, train_align
+from hlm.train import OnStep, train_align
 
 logger = logging.getLogger(__name__)
+
+# (input projections, output projection) of a layer's FFN, per family, relative to the layer
+FFN_LAYOUTS = ((("intermediate.dense",), "output.dense"), (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"))
 
 
 def layer_stack(backbone: nn.Module) -> tuple[nn.Module, str]:
@@ -71,14 +80,80 @@ def prune_layers(encoder: Encoder, n_layers: int) -> Encoder:
     return pruned
 
 
+def ffn_layout(layer: nn.Module) -> tuple[tuple[str, ...], str]:
+    """(input projection paths, output projection path) of a transformer layer's FFN."""
+    for inputs, output in FFN_LAYOUTS:
+        if all(isinstance(_submodule(layer, path), nn.Linear) for path in (*inputs, output)):
+            return inputs, output
+    raise ValueError(f"{type(layer).__name__}: no FFN at {[i + (o,) for i, o in FFN_LAYOUTS]}; cannot narrow it")
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def neuron_importance(layer: nn.Module) -> Tensor:
+    """(I,) score of each FFN hidden neuron j: Π ‖W_in[j, :]‖ over the input projections × ‖W_out[:, j]‖.
+
+    The product bounds neuron j's contribution to the FFN output per unit of input, biases aside (GELU and SiLU
+    never enlarge their input), so the smallest products are the cheapest to drop.
+    """
+    inputs, output = ffn_layout(layer)
+    score = layer.get_submodule(output).weight.detach().float().norm(dim=0)  # (I,)
+    for path in inputs:
+        score = score * layer.get_submodule(path).weight.detach().float().norm(dim=1)  # (I,)
+    return score
+
+
+def _narrowed(linear: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
+    """`linear` with only the `keep` rows (dim 0, its outputs) or columns (dim 1, its inputs)."""
+    weight = linear.weight.detach().index_select(dim, keep.to(linear.weight.device))
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device=weight.device,
+                    dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias[keep.to(linear.bias.device)] if dim == 0 else linear.bias)
+    return out
+
+
+def prune_ffn(encoder: Encoder, width: int) -> Encoder:
+    """A copy of `encoder` whose every FFN keeps its `width` most important hidden neurons (in their order).
+
+    Output shape is unchanged; each layer loses I − width rows of every input projection (with their biases)
+    and as many columns of the output projection. width = I keeps all neurons, so the outputs are identical.
+    """
+    pruned = copy.deepcopy(encoder)
+    config = pruned.backbone.config
+    parent, attr = layer_stack(pruned.backbone)
+    if not 1 <= width <= config.intermediate_size:
+        raise ValueError(f"cannot keep {width} of {config.intermediate_size} FFN neurons")
+    for layer in getattr(parent, attr):
+        keep = neuron_importance(layer).topk(width).indices.sort().values  # (width,)
+        inputs, output = ffn_layout(layer)
+        for path, dim in [*((p, 0) for p in inputs), (output, 1)]:
+            owner, _, name = path.rpartition(".")
+            setattr(layer.get_submodule(owner), name, _narrowed(layer.get_submodule(path), keep, dim))
+    history = [*pruned.settings.extra.get("pruning", []), {"ffn_from": config.intermediate_size, "ffn": width}]
+    pruned.settings.extra = {**pruned.settings.extra, "pruning": history}
+    logger.info("narrowed the FFNs %d -> %d", config.intermediate_size, width)
+    config.intermediate_size = width
+    return pruned
+
+
 def train_prune(student: Encoder, queries: list[str], teacher_q_emb: np.ndarray, cfg: TrainJob,
                 out_dir: str | Path, *, ad_emb: np.ndarray | None = None, teacher_space: str | None = None,
-                on_step: OnStep | None = None) -> list[Path]:
-    """Run cfg.prune_schedule: per entry n, prune to n layers, re-align for cfg.steps_per_prune, checkpoint.
+                on_step: OnStep | None = None, on_stage: Callable[[int, Path], None] | None = None) -> list[Path]:
+    """Run cfg.prune_schedule: per entry n, prune to n layers (and the FFNs to cfg.prune_ffn_ratio of their
+    width), re-align for cfg.steps_per_prune, checkpoint.
 
-    Returns one checkpoint folder per step, `out_dir/layers-{n}` (`hlm.train.load_checkpoint` reads it).
-    Entries ≥ the student's current layer count are skipped, so a run restarted from `layers-{n}` goes on
-    with the rest of the schedule. on_step sees a step count that runs on across the schedule and `n_layers`.
+    Returns one checkpoint folder per step, `out_dir/layers-{n}` (`hlm.checkpoint.load_checkpoint` reads it),
+    each also passed to on_stage(n, folder) once written. Entries ≥ the student's current layer count are
+    skipped, so a run restarted from `layers-{n}` goes on with the rest of the schedule. on_step sees a step
+    count that runs on across the schedule and `n_layers`.
     """
     step_cfg = cfg.model_copy(update={"max_steps": cfg.steps_per_prune})
     folders, offset = [], 0
@@ -88,6 +163,8 @@ def train_prune(student: Encoder, queries: list[str], teacher_q_emb: np.ndarray,
             continue
         # 1. prune
         student = prune_layers(student, n)
+        if cfg.prune_ffn_ratio < 1:
+            student = prune_ffn(student, max(1, round(cfg.prune_ffn_ratio * student.backbone.config.intermediate_size)))
         # 2. re-align
         report = None if on_step is None else (
             lambda step, metrics, state_fn, n=n, offset=offset: on_step(offset + step, {**metrics, "n_layers": n},
@@ -99,4 +176,6 @@ def train_prune(student: Encoder, queries: list[str], teacher_q_emb: np.ndarray,
         # 3. save
         folders.append(save_checkpoint(Path(out_dir) / f"layers-{n}", student, result.optimizer_state, result.step,
                                        step_cfg, student.settings.target_space))
+        if on_stage is not None:
+            on_stage(n, folders[-1])
     return folders

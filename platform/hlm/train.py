@@ -5,9 +5,12 @@ encoder onto precomputed teacher query embeddings; `train_refine` (phase 4) trai
 against frozen teacher ad embeddings. Phase 3 (pruning) is in `hlm.pruning`. The student never calls the
 teacher: its targets are arrays read from the embeddings Parquet that `pipelines.embed` wrote.
 
-Each phase builds its data and a `step_loss(idx) -> scalar` and hands both to `fit`, the one loop they share
-(optimiser, schedule, logging, checkpoints). Batch order and dropout are functions of (seed, step), so a run
-resumed from a checkpoint replays exactly the steps the uninterrupted run would have taken.
+Each phase builds its data and a `step_loss(encode, idx) -> scalar` and hands both to `fit`, the one loop they
+share (optimiser, schedule, logging, checkpoints, devices). `fit` owns how texts become embeddings: `encode`
+runs the encoder's forward under bf16 autocast when asked, and through DistributedDataParallel when a process
+group of several ranks is up (`hlm.distributed`), so DDP sees every forward pass. Batch order and dropout are
+functions of (seed, step), so a run resumed from a checkpoint replays exactly the steps the uninterrupted run
+would have taken. Checkpoints are `hlm.checkpoint`'s; phase 1 can train LoRA adapters (`hlm.lora`).
 
 Shapes: `q_emb (B, d)`, `ad_emb (N, d)`, hard negatives `(B, K, d)`, `scores (B, N)`.
 """
@@ -17,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,20 +29,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from hlm.config import Runtime, TrainJob
-from hlm.encoder import Encoder
+from hlm.checkpoint import save_checkpoint
+from hlm.config import TrainJob
+from hlm.distributed import data_parallel
+from hlm.encoder import Encoder, Kind
+from hlm.lora import add_lora
 from hlm.losses import alignment_loss, contrastive_loss, l2_alignment
-from hlm.metrics import evaluate, recovery_table, run_from_search
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer_state.pt"
 StateFn = Callable[[], dict]  # -> {"model": state_dict, "optimizer": state_dict, "step": int}
 OnStep = Callable[[int, dict[str, Any], StateFn], None]  # (step done, metrics, state_fn)
+Encode = Callable[[list[str], Kind], Tensor]  # (texts, kind) -> float32 (n, d), with gradients
+StepLoss = Callable[[Encode, np.ndarray], Tensor]  # (encode, batch rows) -> scalar
 
 
 @dataclass
@@ -136,8 +139,8 @@ def train_align(student: Encoder, queries: list[str], teacher_q_emb: np.ndarray,
     # 2. data: teacher rows are gathered per batch; a score_kl ad set sits on the device whole
     ads = None if ad_emb is None else _rows(ad_emb, np.arange(len(ad_emb)), d, student.device)  # (N, d)
 
-    def step_loss(idx: np.ndarray) -> Tensor:
-        q_emb = student(student.tokenize([queries[i] for i in idx], "query")).float()  # (B, d)
+    def step_loss(encode: Encode, idx: np.ndarray) -> Tensor:
+        q_emb = encode([queries[i] for i in idx], "query")  # (B, d)
         t_emb = _rows(teacher_q_emb, idx, d, student.device)  # (B, d)
         return alignment_loss(cfg.objective, q_emb, t_emb, ads, temperature=cfg.temperature)
 
@@ -169,8 +172,8 @@ def train_refine(student: Encoder, queries: list[str], positive_ad_idx: np.ndarr
     if cfg.l2_weight > 0 and (teacher_q_emb is None or len(teacher_q_emb) != len(queries)):
         raise ValueError("l2_weight > 0 needs teacher_q_emb with one row per query")
 
-    def step_loss(idx: np.ndarray) -> Tensor:
-        q_emb = student(student.tokenize([queries[i] for i in idx], "query")).float()  # (B, d)
+    def step_loss(encode: Encode, idx: np.ndarray) -> Tensor:
+        q_emb = encode([queries[i] for i in idx], "query")  # (B, d)
         pos_emb = _rows(ad_emb, pos[idx], d, student.device)  # (B, d)
         neg_emb = None if hard is None else _rows(ad_emb, hard[idx], d, student.device)  # (B, K, d)
         loss = contrastive_loss(cfg.contrastive, q_emb, pos_emb, neg_emb, temperature=cfg.temperature,
@@ -191,8 +194,11 @@ def train_teacher(encoder: Encoder, queries: list[str], ads_text_pos: list[str],
     """Phase 1: a symmetric dual encoder — one set of weights encodes queries (kind="query") and ads (kind="ad").
 
     ads_text_pos[i] is the positive ad of queries[i]; hard_negative_texts[i] holds K ad texts (same K for all).
+    With cfg.lora the encoder's backbone gains adapters in place and only they train (`hlm.lora`).
     """
-    # 1. build: nothing to add; the encoder defines its own space (saving recomputes its weights hash)
+    # 1. build: adapters if asked; the encoder defines its own space (saving recomputes its weights hash)
+    if cfg.lora is not None:
+        add_lora(encoder, cfg.lora)
     # 2. data
     if len(ads_text_pos) != len(queries):
         raise ValueError(f"{len(queries)} queries but {len(ads_text_pos)} positive ads")
@@ -200,13 +206,13 @@ def train_teacher(encoder: Encoder, queries: list[str], ads_text_pos: list[str],
                                             or len({len(h) for h in hard_negative_texts}) != 1):
         raise ValueError("hard_negative_texts needs one list per query, all of the same length K")
 
-    def step_loss(idx: np.ndarray) -> Tensor:
-        q_emb = encoder(encoder.tokenize([queries[i] for i in idx], "query")).float()  # (B, d)
-        pos_emb = encoder(encoder.tokenize([ads_text_pos[i] for i in idx], "ad")).float()  # (B, d)
+    def step_loss(encode: Encode, idx: np.ndarray) -> Tensor:
+        q_emb = encode([queries[i] for i in idx], "query")  # (B, d)
+        pos_emb = encode([ads_text_pos[i] for i in idx], "ad")  # (B, d)
         neg_emb = None
         if hard_negative_texts is not None:
             flat = [t for i in idx for t in hard_negative_texts[i]]
-            neg_emb = encoder(encoder.tokenize(flat, "ad")).float().view(len(idx), -1, q_emb.shape[1])  # (B, K, d)
+            neg_emb = encode(flat, "ad").view(len(idx), -1, q_emb.shape[1])  # (B, K, d)
         return contrastive_loss(cfg.contrastive, q_emb, pos_emb, neg_emb, temperature=cfg.temperature,
                                 margin=cfg.margin)
 
@@ -226,12 +232,28 @@ def make_optimizer(model: nn.Module, cfg: TrainJob) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def fit(model: Encoder, n_rows: int, step_loss: Callable[[np.ndarray], Tensor], cfg: TrainJob, *,
+def fit(model: Encoder, n_rows: int, step_loss: StepLoss, cfg: TrainJob, *,
         checkpoint_dir: str | Path | None = None, on_step: OnStep | None = None, start_step: int = 0,
         optimizer_state: dict | None = None) -> TrainResult:
-    """Run steps start_step … total-1; checkpoint every cfg.checkpoint_every steps and at the end (if a dir)."""
+    """Run steps start_step … total-1; checkpoint every cfg.checkpoint_every steps and at the end (if a dir).
+
+    Gradients are averaged over ranks by DDP when a process group is up, so each rank passes its own shard of
+    rows (n_rows each) and all ranks end every step with the same weights. The weights and optimizer state keep
+    the dtype they were loaded in: load fp32 and set cfg.mixed_precision for bf16 compute.
+    """
     total = total_steps(n_rows, cfg)
-    # 3. optimiser
+    # 3. the forward path and the optimiser
+    if cfg.gradient_checkpointing:
+        # Non-reentrant, because DDP must see each parameter's gradient once and LoRA's frozen inputs need no grad.
+        # (gradient_checkpointing_enable is the name every transformers 5.x has.)
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net = data_parallel(model)
+    amp = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and model.device.type == "cuda")
+
+    def encode(texts: list[str], kind: Kind) -> Tensor:
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
+            return net(model.tokenize(texts, kind)).float()  # (n, d); losses run in fp32
+
     optimizer = make_optimizer(model, cfg)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -244,7 +266,7 @@ def fit(model: Encoder, n_rows: int, step_loss: Callable[[np.ndarray], Tensor], 
             group["lr"] = lr
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout noise depends on (seed, step) only
         idx = batch_indices(step, n_rows, cfg)
-        loss = step_loss(idx)
+        loss = step_loss(encode, idx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -269,59 +291,3 @@ def fit(model: Encoder, n_rows: int, step_loss: Callable[[np.ndarray], Tensor], 
     # 5. save: the caller (or checkpoint_dir above) decides where the trained encoder goes
     return TrainResult(model, max(total, start_step), losses, optimizer.state_dict(), checkpoints,
                        seen / max(time.perf_counter() - t0, 1e-9))
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate_retrieval(query_emb: np.ndarray, query_ids: list[str], ad_emb: np.ndarray, ad_ids: list[str],
-                       qrels: dict[str, dict[str, float]], k: int = 100, *,
-                       teacher_metrics: dict[str, float] | None = None, chunk: int | None = None) -> dict[str, float]:
-    """Exact inner-product top-k of every query over all ads, scored by `hlm.metrics.evaluate` at k.
-
-    The slow reference for a FAISS index: query_emb (B, d) against ad_emb (N, d), `chunk` query rows at a time
-    (default: ~2^28 scores per chunk). With teacher_metrics, adds `recovery/<metric>` = student / teacher.
-    """
-    ads = torch.from_numpy(np.ascontiguousarray(ad_emb, dtype=np.float32))  # (N, d)
-    chunk = chunk or max(1, (1 << 28) // max(1, len(ad_ids)))
-    top = min(k, len(ad_ids))
-    D_parts, I_parts = [], []
-    for start in range(0, len(query_emb), chunk):
-        q = torch.from_numpy(np.ascontiguousarray(query_emb[start:start + chunk], dtype=np.float32))  # (b, d)
-        scores, positions = (q @ ads.T).topk(top, dim=1)  # (b, N) -> 2 × (b, k)
-        D_parts.append(scores.numpy())
-        I_parts.append(positions.numpy())
-    run = run_from_search(query_ids, np.concatenate(D_parts), np.concatenate(I_parts), ad_ids)
-    metrics = evaluate(run, qrels, ks=(k,))
-    if teacher_metrics:
-        metrics |= {f"recovery/{name}": v for name, v in recovery_table(metrics, teacher_metrics).items()}
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(folder: str | Path, encoder: Encoder, optimizer: torch.optim.Optimizer | dict, step: int,
-                    cfg: TrainJob, target_space: str | None = None) -> Path:
-    """The encoder (HF files + settings with target_space) + `trainer_state.pt` + `train.yaml`, written atomically."""
-    folder = Path(folder)
-    if target_space is not None:
-        encoder.settings.target_space = target_space
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    encoder.save(tmp)
-    state = optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer
-    torch.save({"optimizer": state, "step": step, "config": cfg.model_dump(mode="json")}, tmp / TRAINER_STATE)
-    (tmp / "train.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
-
-
-def load_checkpoint(folder: str | Path, runtime: Runtime | None = None) -> tuple[Encoder, dict, int]:
-    """(encoder, optimizer_state, step) to pass back as `train_*(encoder, …, start_step=step, optimizer_state=…)`."""
-    folder = Path(folder)
-    encoder = Encoder.load(folder, runtime)
-    state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
-    return encoder, state["optimizer"], int(state["step"])

@@ -17,33 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hlm.catalog import generate_catalog, split_queries
-from hlm.data import write_embeddings
+from hlm.checkpoint import load_checkpoint
 from hlm.encoder import Encoder
-from hlm.importers import write_dataset
 from hlm.pruning import num_layers
-from hlm.tiny import tiny_encoder
-from hlm.train import load_checkpoint
 from pipelines.train import main
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("train-data")
-    train, dev = split_queries(generate_catalog(n_ads=120, n_queries=60), 0.25)
-    write_dataset(train, root / "train")
-    write_dataset(dev, root / "dev")
-    teacher = tiny_encoder("bert", hidden=48, seed=1)
-    space = teacher.describe_space()
-    write_embeddings(root / "emb" / "ads.parquet", train.ads["ad_id"].to_pylist(),
-                     teacher.encode(train.ads["text"].to_pylist(), kind="ad"), space)
-    for name, split in (("queries_train", train), ("queries_dev", dev)):
-        write_embeddings(root / "emb" / f"{name}.parquet", split.queries["query_id"].to_pylist(),
-                         teacher.encode(split.queries["text"].to_pylist()), space)
-    return {"root": root, "space": space["fingerprint"]}
 
 
 def job_args(data: dict, phase: str, out: Path, *sets: str, init: Path | None = None, dev: bool = True) -> list[str]:
@@ -62,15 +42,16 @@ def job_args(data: dict, phase: str, out: Path, *sets: str, init: Path | None = 
     return args + [item for s in sets for item in ("--set", s)]
 
 
-def test_align_on_two_workers_writes_a_student_in_the_teacher_space_with_dev_metrics(ray_cluster, tiny_bert_dir, data,
-                                                                                    tmp_path, capsys):
+def test_align_on_two_workers_writes_a_student_in_the_teacher_space_with_dev_metrics(ray_cluster, tiny_bert_dir,
+                                                                                    catalog_split, tmp_path, capsys):
     # When the align job runs on 2 Ray Train workers
     out = tmp_path / "align"
-    code = main(job_args(data, "align", out, "cluster.num_workers=2", "train.max_steps=12", init=tiny_bert_dir))
+    code = main(job_args(catalog_split, "align", out, "cluster.num_workers=2", "train.max_steps=12",
+                         init=tiny_bert_dir))
     # Then it writes a student aligned to the teacher's space, trained over both shards
     assert code == 0
     student = Encoder.load(out / "model")
-    assert student.space == data["space"] and student.dim == 48
+    assert student.space == catalog_split["space"] and student.dim == 48
     record = json.loads((out / "metrics.json").read_text())
     assert (record["phase"], record["start_step"], record["steps"], record["workers"]) == ("align", 0, 12, 2)
     assert record["final_loss"] < record["first_loss"]
@@ -81,11 +62,11 @@ def test_align_on_two_workers_writes_a_student_in_the_teacher_space_with_dev_met
     assert "trained phase align: steps 0 -> 12 on 2 worker(s)" in printed and str(out / "model") in printed
 
 
-def test_a_second_run_with_the_same_run_name_resumes_from_its_last_checkpoint(ray_cluster, tiny_bert_dir, data,
+def test_a_second_run_with_the_same_run_name_resumes_from_its_last_checkpoint(ray_cluster, tiny_bert_dir, catalog_split,
                                                                               tmp_path):
     # Given a run that stopped after 3 steps, with a checkpoint at step 3
     out = tmp_path / "align"
-    first = job_args(data, "align", out, "train.checkpoint_every=3", init=tiny_bert_dir, dev=False)
+    first = job_args(catalog_split, "align", out, "train.checkpoint_every=3", init=tiny_bert_dir, dev=False)
     assert main([*first, "--run-name", "resume-me", "--set", "train.max_steps=3"]) == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
     # When the same run name runs again with a longer schedule
@@ -97,31 +78,32 @@ def test_a_second_run_with_the_same_run_name_resumes_from_its_last_checkpoint(ra
     assert (Path(record["run_path"]) / "step-0000003").is_dir()
 
 
-def test_refine_trains_against_frozen_teacher_ads_with_mined_hard_negatives(ray_cluster, tiny_bert_dir, data,
+def test_refine_trains_against_frozen_teacher_ads_with_mined_hard_negatives(ray_cluster, tiny_bert_dir, catalog_split,
                                                                             tmp_path, capsys):
     out = tmp_path / "refine"
-    code = main(job_args(data, "refine", out, "train.max_steps=4", init=tiny_bert_dir))
+    code = main(job_args(catalog_split, "refine", out, "train.max_steps=4", init=tiny_bert_dir))
     assert code == 0
     record = json.loads((out / "metrics.json").read_text())
     assert (record["steps"], record["workers"]) == (4, 1) and record["final_loss"] > 0
-    assert Encoder.load(out / "model").space == data["space"] and "recovery/P@100" in record["dev"]
+    assert Encoder.load(out / "model").space == catalog_split["space"] and "recovery/P@100" in record["dev"]
     assert "trained phase refine" in capsys.readouterr().out
 
 
-def test_prune_on_two_workers_writes_one_encoder_folder_per_schedule_step(ray_cluster, tiny_bert_dir, data, tmp_path):
+def test_prune_on_two_workers_writes_one_encoder_folder_per_schedule_step(ray_cluster, tiny_bert_dir, catalog_split,
+                                                                          tmp_path):
     out = tmp_path / "prune"
-    code = main(job_args(data, "prune", out, "train.prune_schedule=[1]", "train.steps_per_prune=2",
+    code = main(job_args(catalog_split, "prune", out, "train.prune_schedule=[1]", "train.steps_per_prune=2",
                          "train.checkpoint_every=1", "cluster.num_workers=2", init=tiny_bert_dir, dev=False))
     assert code == 0
     pruned = Encoder.load(out / "prune" / "layers-1")
-    assert num_layers(pruned) == 1 and pruned.space == data["space"]
+    assert num_layers(pruned) == 1 and pruned.space == catalog_split["space"]
     assert num_layers(Encoder.load(out / "model")) == 1
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
 
 
-def test_a_missing_input_file_exits_2_and_names_it(data, tmp_path):
+def test_a_missing_input_file_exits_2_and_names_it(catalog_split, tmp_path):
     missing = tmp_path / "nowhere" / "queries.parquet"
-    args = job_args(data, "align", tmp_path / "out", dev=False)
+    args = job_args(catalog_split, "align", tmp_path / "out", dev=False)
     args[args.index("--queries") + 1] = str(missing)
     done = subprocess.run([sys.executable, "-m", "pipelines.train", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
@@ -130,10 +112,10 @@ def test_a_missing_input_file_exits_2_and_names_it(data, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written before the inputs are checked
 
 
-def test_labels_without_the_label_column_exit_2_and_name_the_file(data, tmp_path, capsys):
+def test_labels_without_the_label_column_exit_2_and_name_the_file(catalog_split, tmp_path, capsys):
     bad = tmp_path / "labels.parquet"
     pq.write_table(pa.table({"query_id": ["q-0000"], "ad_id": ["ad-000000"]}), bad)
-    args = job_args(data, "refine", tmp_path / "out", dev=False)
+    args = job_args(catalog_split, "refine", tmp_path / "out", dev=False)
     args[args.index("--labels") + 1] = str(bad)
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Training phases on tiny random models: schedule by hand, each phase moves its loss, widths, pruning, resume.
+"""Training phases on tiny random models: schedule by hand, each phase moves its loss, widths, resume.
 
 Fixture: 48 two-word queries over the tiny vocabulary, ad i = a longer text about query i, a wider teacher
 (48-d, seed 1) whose query and ad embeddings are computed once (the student loops never call it) and a
@@ -16,21 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from hlm.config import ConfigError, TrainJob, load_config
+from hlm.checkpoint import load_checkpoint
+from hlm.config import ConfigError, LoraSettings, TrainJob, load_config
 from hlm.encoder import Encoder
 from hlm.losses import AlignmentObjective, ContrastiveObjective, info_nce
-from hlm.pruning import kept_layers, num_layers, prune_layers, train_prune
+from hlm.phase_eval import evaluate_retrieval
 from hlm.tiny import WORDS, tiny_encoder
-from hlm.train import (
-    evaluate_retrieval,
-    load_checkpoint,
-    lr_at,
-    prepare_student,
-    train_align,
-    train_refine,
-    train_teacher,
-    truncated_space,
-)
+from hlm.train import lr_at, prepare_student, train_align, train_refine, train_teacher, truncated_space
 
 QUERIES = [f"{a} {b}" for a, b in itertools.permutations(WORDS, 2)][:48]
 ADS = [f"{q} for sale, best {q} deals {i}" for i, q in enumerate(QUERIES)]
@@ -174,42 +166,37 @@ def test_teacher_phase_trains_one_shared_encoder_for_queries_and_ads():
     assert loss() < 0.7 * before
 
 
-# ---------------------------------------------------------------------------------------------- pruning
+# ---------------------------------------------------------------------------------------------- memory options
 
 
-def test_kept_layers_are_evenly_spaced_with_first_and_last():
-    assert kept_layers(6, 4) == [0, 2, 3, 5]
-    assert kept_layers(28, 4) == [0, 9, 18, 27]
-    assert kept_layers(4, 1) == [0]
-    with pytest.raises(ValueError):
-        kept_layers(4, 5)
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=4)], ids=["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_losses_and_weights(lora):
+    # Given the same teacher run twice (dropout on: the recompute must replay its noise), once recomputing activations
+    job = cfg(phase="teacher", lora=lora, max_steps=3, contrastive="qwen3")
+    runs = {}
+    for checkpointing in (False, True):
+        encoder = tiny_encoder("bert", hidden=32, seed=0)
+        result = train_teacher(encoder, QUERIES, ADS, job.model_copy(update={"gradient_checkpointing": checkpointing}))
+        runs[checkpointing] = (result.losses, dict(result.encoder.named_parameters()))
+        assert result.encoder.backbone.is_gradient_checkpointing == checkpointing
+    # Then every step's loss and the updated weights match
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5)
+    for name, p in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], p, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["bert", "qwen3"])
-def test_pruned_model_has_fewer_layers_and_saves_loads_and_encodes(family, tmp_path):
-    encoder = tiny_encoder(family, layers=4, projection_dim=TEACHER_DIM)
-    pruned = prune_layers(encoder, 2)
-    assert num_layers(pruned) == 2 and num_layers(encoder) == 4  # the input is left as it was
-    assert pruned.backbone.config.num_hidden_layers == 2
-    # the last kept layer is the old last layer
-    old_last, new_last = (dict(m.named_parameters()) for m in (encoder, pruned))
-    name = next(n for n in new_last if ".1." in n)
-    torch.testing.assert_close(new_last[name], old_last[name.replace(".1.", ".3.")])
-    loaded = Encoder.load(pruned.save(tmp_path / family))
-    assert num_layers(loaded) == 2
-    np.testing.assert_allclose(loaded.encode(QUERIES[:4]), pruned.encode(QUERIES[:4]), atol=1e-5)
-
-
-def test_train_prune_writes_one_checkpoint_per_schedule_step(teacher, tmp_path):
-    student = tiny_encoder("bert", hidden=STUDENT_DIM, layers=4, seed=0)
-    steps = []
-    folders = train_prune(student, QUERIES, teacher["q_emb"], cfg(prune_schedule=[3, 2], steps_per_prune=3), tmp_path,
-                          teacher_space=teacher["space"], on_step=lambda s, m, _: steps.append((s, m["n_layers"])))
-    assert [f.name for f in folders] == ["layers-3", "layers-2"]
-    assert steps == [(1, 3), (2, 3), (3, 3), (4, 2), (5, 2), (6, 2)]
-    for folder, n in zip(folders, (3, 2), strict=True):
-        encoder, _, step = load_checkpoint(folder)
-        assert num_layers(encoder) == n and step == 3 and encoder.space == teacher["space"]
+def test_bf16_mixed_precision_computes_in_bf16_over_fp32_weights(teacher):
+    losses = {}
+    for precision in ("off", "auto", "bf16"):  # auto is off on CPU
+        result = train_align(tiny_encoder("bert", hidden=STUDENT_DIM, seed=0), QUERIES, teacher["q_emb"],
+                             cfg(max_steps=3, mixed_precision=precision))
+        losses[precision] = result.losses
+        assert all(p.dtype == torch.float32 for p in result.encoder.parameters())
+        assert all(v.dtype == torch.float32 for s in result.optimizer_state["state"].values() for v in s.values()
+                   if v.dim() > 0)
+    assert losses["auto"] == losses["off"]
+    assert losses["bf16"] != losses["off"]  # bf16 rounding shows, and only that
+    np.testing.assert_allclose(losses["bf16"], losses["off"], rtol=0.05)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

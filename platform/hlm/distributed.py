@@ -1,0 +1,42 @@
+"""Data parallelism for the training loops: PyTorch DistributedDataParallel whenever a process group is up.
+
+Ray Train's `TorchTrainer` starts the process group (gloo on CPU, NCCL on GPU) before the worker function runs;
+the hlm loops only wrap their module and reduce a few numbers, so they never import Ray and run unchanged in a
+single process, where both functions below are no-ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def data_parallel(module: nn.Module) -> nn.Module:
+    """`module` under DDP when there is more than one rank, else `module` itself; call the result's forward.
+
+    DDP averages gradients over ranks during backward, and wrapping broadcasts rank 0's parameters and buffers,
+    so every rank starts from the same weights (a fresh projection head or a freshly pruned copy included).
+    find_unused_parameters: a backbone may hold weights the encoder never reads (BERT's pooler), and without it
+    DDP would wait for their gradients forever. It also lets a step call forward more than once before its one
+    backward (the teacher encodes queries and ads), which needs non-reentrant activation checkpointing.
+    """
+    if world_size() == 1:
+        return module
+    return DistributedDataParallel(module, find_unused_parameters=True)
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over all ranks (a collective: every rank must call it with the same keys)."""
+    world = world_size()
+    if world == 1 or not values:
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces device tensors only
+    total = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return dict(zip(values, (total / world).tolist(), strict=True))
