@@ -3,7 +3,8 @@
 An :class:`Encoder` is a Hugging Face backbone plus pooling, optional L2 normalisation, an optional query
 instruction and an optional linear projection into a wider (teacher) space. Its settings live in a small
 JSON beside the HF files (`hlm_encoder.json`), so pooling, normalisation and the projection are never
-silent defaults in callers.
+silent defaults in callers. Precision (fp32 | bf16 | fp16 | int8, `hlm.precision`) is chosen at load time and
+never saved: it changes how the encoder computes, not the space its float32 outputs live in.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from hlm.config import ModelRef, Pooling, Runtime
+from hlm.config import ModelRef, Pooling, Precision, Runtime
+from hlm.precision import quantize_int8, resolve_precision, weight_dtype
 from hlm.space import Space
 
 logger = logging.getLogger(__name__)
@@ -42,9 +44,11 @@ class EncoderSettings:
     weights_sha256: str = ""  # of the backbone weights as saved; part of the space fingerprint
     source: str = ""  # where the weights came from, for people reading the folder
     extra: dict = field(default_factory=dict)
+    precision: Precision = Precision.fp32  # how the loaded weights compute; set by `Encoder.load`, not saved
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "pooling": self.pooling.value}, indent=2, sort_keys=True)
+        saved = {k: v for k, v in asdict(self).items() if k != "precision"}
+        return json.dumps({**saved, "pooling": self.pooling.value}, indent=2, sort_keys=True)
 
     def space(self, dim: int) -> str:
         """Fingerprint of the space these settings produce at width `dim` (a student's is its teacher's)."""
@@ -103,6 +107,9 @@ def pool(hidden: Tensor, mask: Tensor, pooling: Pooling) -> Tensor:
 class Encoder(nn.Module):
     def __init__(self, backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: EncoderSettings):
         super().__init__()
+        if not tokenizer.is_fast:  # a Python tokenizer costs more than the student's forward pass on short queries
+            raise ValueError(f"{type(tokenizer).__name__} is a slow (Python) tokenizer; the encoder needs a fast "
+                             "(Rust) one: save the model with its tokenizer.json")
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"  # pool() indexes the last real token from the right
@@ -149,7 +156,8 @@ class Encoder(nn.Module):
 
     @torch.inference_mode()
     def encode(self, texts: list[str], *, kind: Kind = "query", batch_size: int = 64) -> np.ndarray:
-        """texts -> float32 (n, d). Batches are formed by length to cut padding; output keeps input order."""
+        """texts -> float32 (n, d) at every precision. Batches are formed by length to cut padding; output keeps
+        input order."""
         texts = list(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         order = np.argsort([-len(t) for t in texts], kind="stable")
@@ -167,6 +175,9 @@ class Encoder(nn.Module):
         """HF files + projection + `hlm_encoder.json`; the weights hash is recomputed from what was written."""
         from safetensors.torch import save_file
 
+        if self.settings.precision is Precision.int8:
+            raise ValueError("an int8 encoder holds quantised modules that HF cannot save; save the fp32 encoder "
+                             "and load it with precision int8")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(folder, safe_serialization=True)
@@ -179,27 +190,40 @@ class Encoder(nn.Module):
 
     @classmethod
     def load(cls, ref: str | Path | ModelRef, runtime: Runtime | None = None) -> Encoder:
-        """Load a saved encoder, a plain HF folder, or `teacher-default`/`student-default` (never a hub)."""
+        """Load a saved encoder, a plain HF folder, or `teacher-default`/`student-default` (never a hub).
+
+        The precision is `ref.precision`, else the runtime's dtype; a precision the device cannot run
+        (int8 on GPU, fp16 on CPU) raises `hlm.precision.PrecisionError` before the weights are loaded.
+        """
         from safetensors.torch import load_file
 
+        ref = _as_ref(ref)
         folder, settings = _resolve(ref)
-        device, dtype = resolve_device(runtime)
+        device, runtime_dtype = resolve_device(runtime)
+        precision = resolve_precision(ref.precision, device, runtime_dtype)
+        dtype = weight_dtype(precision)
         backbone = AutoModel.from_pretrained(folder, dtype=dtype).to(device)
+        if precision is Precision.int8:
+            backbone = quantize_int8(backbone)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        encoder = cls(backbone, tokenizer, settings)
+        encoder = cls(backbone, tokenizer, replace(settings, precision=precision))
         if encoder.projection is not None:
             weight = load_file(folder / PROJECTION_FILE)["weight"]
             encoder.projection.weight.data.copy_(weight.to(device=device, dtype=dtype))
         logger.info("loaded encoder %s (%s, dim %d, space %s) on %s/%s",
-                    folder, settings.pooling.value, encoder.dim, encoder.space, device, dtype)
+                    folder, settings.pooling.value, encoder.dim, encoder.space, device, precision.value)
         return encoder.eval()
 
 
+def _as_ref(ref: str | Path | ModelRef) -> ModelRef:
+    return ref if isinstance(ref, ModelRef) else ModelRef(model=str(ref))
+
+
 def _resolve(ref: str | Path | ModelRef) -> tuple[Path, EncoderSettings]:
-    """(folder, settings with the ModelRef's overrides applied)."""
+    """(folder, settings with the ModelRef's overrides applied; precision is resolved by `Encoder.load`)."""
     from hlm.pretrained import resolve_model
 
-    ref = ref if isinstance(ref, ModelRef) else ModelRef(model=str(ref))
+    ref = _as_ref(ref)
     folder, settings = resolve_model(ref.model)
     overrides = {k: v for k, v in (("pooling", ref.pooling), ("max_length", ref.max_length),
                                    ("query_prompt", ref.query_prompt)) if v is not None}
