@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test unit integration bench redis-server clean
+.PHONY: demo test unit integration reliability bench redis-server clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,12 +32,18 @@ redis-server:
 demo: $(VENV)/.weights redis-server
 	$(PY) -m pipelines.demo --out runs/demo
 
-bench: $(VENV)/.weights
+bench: $(VENV)/.weights redis-server
 	$(PY) -m bench.run --out bench/results
 
 # The tests start their own redis-server on a free loopback port and one local Ray for the session.
+# Scenarios marked `slow` (long load, replica restarts) run in `make reliability` only.
 test: $(VENV)/.weights redis-server
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not slow"
+
+# Every fault, load and bad-input scenario of docs/reliability.md, a table of them, then the load benchmark.
+reliability: $(VENV)/.weights redis-server
+	HLM_FUZZ_EXAMPLES=$${HLM_FUZZ_EXAMPLES:-200} $(PY) -m pytest tests -m reliability
+	$(PY) -m bench.run --only load --out bench/results
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest tests -m "not integration"

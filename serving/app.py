@@ -14,18 +14,47 @@ import logging
 import os
 
 import numpy as np
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from hlm.api import EmbedRequest, EmbedResponse, ScoredAd, SearchRequest, SearchResponse
+from hlm.api import (
+    API_KEY_ENV,
+    EmbedRequest,
+    EmbedResponse,
+    ScoredAd,
+    SearchRequest,
+    SearchResponse,
+    api_key_problem,
+    needs_api_key,
+    resolve_api_key,
+)
 from hlm.config import ModelRef, Profile, Runtime
 from hlm.encoder import Encoder, space_of
 from hlm.live_index import LiveIndex
 from hlm.store import IndexStore, StoreError, redis_client
 
 logger = logging.getLogger("serving")
+
+
+class _ToServeLog(logging.Handler):
+    """Hands a record to the replica's `ray.serve` logger: its replica log file and stderr, with the replica id."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("ray.serve").handle(record)
+
+
+def _log_through_serve() -> None:
+    """In a replica, `hlm` and `serving` log at INFO through Serve's logger. Otherwise their records reach only
+    Python's last-resort handler: bare WARNING+ lines on the worker's stderr, and no "serving version …" at all."""
+    for name in ("hlm", "serving"):
+        named = logging.getLogger(name)
+        if not any(isinstance(h, _ToServeLog) for h in named.handlers):
+            named.addHandler(_ToServeLog())
+            named.setLevel(logging.INFO)
+            named.propagate = False
 
 
 class AppArgs(BaseModel):
@@ -42,11 +71,15 @@ class AppArgs(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
+    api_key: SecretStr | None = Field(None, description=(
+        f"require this key on /v1/* except GET /v1/healthz; ${API_KEY_ENV} wins when set. Prefer the "
+        "environment: these args are readable by anyone who can run `serve config`"))
 
 
 @serve.deployment(max_ongoing_requests=64)
 class QueryEncoder:
     def __init__(self, student: dict, runtime: dict, max_batch_size: int, batch_wait_timeout_s: float):
+        _log_through_serve()
         self.encoder = Encoder.load(ModelRef.model_validate(student), Runtime.model_validate(runtime))
         self.encode_batch.set_max_batch_size(max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -67,6 +100,7 @@ class QueryEncoder:
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class AdIndex:
     def __init__(self, index: str, redis_url: str | None, expected_space: str, poll_s: float):
+        _log_through_serve()
         self.live = LiveIndex(IndexStore(redis_client(redis_url), index), expected_space, poll_s=poll_s)
         self.live.refresh()  # serve at once if a version is already published
         self.live.start()
@@ -85,12 +119,25 @@ class AdIndex:
 api = FastAPI(title="HLM retrieval", description="Student query encoder against a teacher-built ad index.")
 
 
+@api.middleware("http")
+async def require_api_key(request: Request, call_next):
+    """401 before the body is read when the app has a key and the route needs it (see `hlm.api`)."""
+    expected = getattr(request.app.state, "api_key", None)
+    if expected and needs_api_key(request.method, request.scope["path"], request.scope.get("root_path", "")):
+        problem = api_key_problem(expected, request.headers.get("authorization"), request.headers.get("x-api-key"))
+        if problem:
+            return JSONResponse({"detail": problem}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
+
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Api:
-    def __init__(self, encoder: DeploymentHandle, index: DeploymentHandle):
+    def __init__(self, encoder: DeploymentHandle, index: DeploymentHandle, api_key: SecretStr | None = None):
+        _log_through_serve()
         self.encoder, self.index = encoder, index
         self._info: dict | None = None
+        api.state.api_key = api_key.get_secret_value() if api_key else None  # read by require_api_key
 
     async def encoder_info(self) -> dict:
         if self._info is None:  # the student is fixed for the life of this app version
@@ -138,7 +185,16 @@ def build_app(args: dict) -> serve.Application:
     ).bind(cfg.student.model_dump(), runtime.model_dump(), cfg.max_batch_size, cfg.batch_wait_timeout_s)
     index = AdIndex.bind(cfg.index, cfg.redis_url or os.environ.get("HLM_REDIS_URL"), space_of(cfg.student),
                          cfg.poll_s)
-    return Api.bind(encoder, index)
+    return Api.bind(encoder, index, _api_key(cfg))
+
+
+def _api_key(cfg: AppArgs) -> SecretStr | None:
+    configured = cfg.api_key.get_secret_value() if cfg.api_key else None
+    key = resolve_api_key(configured)
+    if key and configured and key != configured:
+        logger.warning("$%s is set and overrides args.api_key", API_KEY_ENV)
+    logger.info("ingress API key: %s", "required on /v1/* except GET /v1/healthz" if key else "none (open)")
+    return SecretStr(key) if key else None  # SecretStr: a repr or a log line of the args shows '**********'
 
 
 def __getattr__(name: str):

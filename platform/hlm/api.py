@@ -2,10 +2,21 @@
 
 Bad input (empty or over-long query, k out of range, wrong JSON) fails validation and becomes a 4xx
 with a message that names the field; it never reaches the encoder or the index.
+
+An optional API key guards every ``/v1/*`` route except ``GET /v1/healthz`` (load balancers probe it
+without credentials). Clients send ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; anything else
+is a 401 checked before the body is read. The key comes from ``$HLM_API_KEY`` when set, else from the
+app's ``api_key`` argument: the environment is where a platform injects secrets (a Kubernetes Secret, a
+vault agent), so rotating it must not need a config edit, and Serve config ``args`` are readable by
+anyone who can run ``serve config``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -44,3 +55,43 @@ class EmbedResponse(BaseModel):
     dim: int
     space: str
     model_version: str
+
+
+# ---------------------------------------------------------------------------------------------- API key
+
+API_KEY_ENV = "HLM_API_KEY"
+OPEN_ROUTES = frozenset({("GET", "/v1/healthz")})
+MISSING_KEY = "missing API key: send the header 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+INVALID_KEY = "invalid API key"
+
+
+def resolve_api_key(configured: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The key the ingress requires: ``$HLM_API_KEY`` when set and non-empty, else ``configured``; None = open."""
+    return environ.get(API_KEY_ENV) or configured or None
+
+
+def needs_api_key(method: str, path: str, root_path: str = "") -> bool:
+    """Every ``/v1/*`` route except the open ones; ``path`` may still carry the app's route prefix."""
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path):]
+    return path.startswith("/v1/") and (method.upper(), path.rstrip("/")) not in OPEN_ROUTES
+
+
+def _same_secret(presented: str, expected: str) -> bool:
+    # Digests first: compare_digest is constant-time for equal lengths only, and this hides the key's length too.
+    return hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), hashlib.sha256(expected.encode()).digest())
+
+
+def api_key_problem(expected: str, authorization: str | None, x_api_key: str | None) -> str | None:
+    """None when a header carries ``expected``; else the reason for the 401 (never echoing what was sent)."""
+    presented = []
+    if authorization:
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            presented.append(credentials.strip())
+    if x_api_key and x_api_key.strip():
+        presented.append(x_api_key.strip())
+    if not presented:
+        return MISSING_KEY
+    matches = [_same_secret(p, expected) for p in presented]  # check every one: no early exit to time
+    return None if any(matches) else INVALID_KEY

@@ -4,7 +4,8 @@
 the events channel only wakes the thread early. A new version is loaded, verified (sha256 inside
 `IndexStore.load`) and space-checked off the request path, then swapped in by replacing one reference,
 so a request sees either the old or the new index, never a mix. While loading, when Redis is
-unreachable, or when a version is refused, the replica keeps serving what it has.
+unreachable, or when a version is refused (another space, bytes that fail their sha256, a missing chunk
+or manifest), the replica keeps serving what it has.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import redis
 
 from hlm.index import AdIndex
 from hlm.space import SpaceMismatch
-from hlm.store import IndexStore, IntegrityError, StoreError
+from hlm.store import IndexStore, IntegrityError, StoreError, UnknownVersion
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ class LiveIndex:
             if self.snapshot is not None and version == self.snapshot.version:
                 return False
             index = self.store.load(version, expected_space=self.expected_space)
-        except (SpaceMismatch, IntegrityError) as e:  # this version will never load: don't fetch it again
+        # Redis answered and this version will never load (other space, bad bytes, no manifest): don't fetch it again.
+        except (SpaceMismatch, IntegrityError, UnknownVersion) as e:
             self.state.refused[version] = str(e)
             self.state.last_error = str(e)
             logger.error("refused version %s, still serving %s: %s", version, self._serving(), e)
@@ -112,7 +114,11 @@ class LiveIndex:
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception as e:  # a bug or a malformed version must not end the loop: a dead loop never swaps
+                self.state.last_error = f"{type(e).__name__}: {e}"
+                logger.exception("index refresh crashed, still serving %s", self._serving())
             self._wake.wait(self.poll_s * (0.75 + 0.5 * np.random.random()))  # jitter: replicas don't stampede
             self._wake.clear()
 

@@ -52,6 +52,10 @@ class IntegrityError(StoreError):
     """A stored version is incomplete or its bytes do not match the manifest's sha256."""
 
 
+class UnknownVersion(StoreError):
+    """Redis answered and the version has no manifest: never published, garbage-collected or deleted."""
+
+
 def redis_client(url: str | None = None, *, password: str | None = None, ssl_ca: str | None = None) -> redis.Redis:
     """A binary-safe client for ``url`` (else ``$HLM_REDIS_URL``, else ``redis://127.0.0.1:6379/0``).
 
@@ -139,8 +143,14 @@ class IndexStore:
         with _redis_errors(f"reading the manifest of {self.name} version {version}"):
             raw = self.client.get(self.manifest_key(version))
         if raw is None:
-            raise StoreError(f"index {self.name}: no version {version!r} (no {self.manifest_key(version)})")
-        return json.loads(raw)
+            raise UnknownVersion(f"index {self.name}: no version {version!r} (no {self.manifest_key(version)})")
+        try:
+            manifest = json.loads(raw)
+        except ValueError as e:
+            raise IntegrityError(f"index {self.name} version {version}: the manifest is not valid JSON ({e})") from e
+        if not isinstance(manifest, dict):
+            raise IntegrityError(f"index {self.name} version {version}: the manifest is not a JSON object")
+        return manifest
 
     # ------------------------------------------------------------------------------------------ publish
 
