@@ -109,3 +109,21 @@ def catalog_split(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "teacher_queries": root / "emb/queries_train.parquet", "ads_emb": root / "emb/ads.parquet",
             "dev_queries": root / "dev/queries.parquet", "dev_labels": root / "dev/labels.parquet",
             "dev_teacher_queries": root / "emb/queries_dev.parquet", "space": space["fingerprint"]}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """`make reliability`'s table: one row per reliability scenario with its outcome, time and recorded figures."""
+    rows = []
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            scenario = "reliability" in getattr(report, "keywords", {})
+            if scenario and (report.when == "call" or outcome != "passed" and report.when == "setup"):
+                rows.append((report.nodeid.split("::", 1)[-1], outcome, report.duration,
+                                 dict(getattr(report, "user_properties", []))))
+    if not rows:
+        return
+    terminalreporter.section("reliability scenarios")
+    terminalreporter.write_line(f"{'scenario':<100} {'result':<8} {'s':>6}  figures")
+    for name, outcome, seconds, figures in sorted(rows):
+        shown = ", ".join(f"{k}={v}" for k, v in figures.items())
+        terminalreporter.write_line(f"{name[:100]:<100} {outcome.upper():<8} {seconds:>6.1f}  {shown}")

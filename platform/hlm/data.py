@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,16 +182,17 @@ def parquet_files(path: str | os.PathLike) -> list[Path]:
     return [p]
 
 
-def _read_one(path: Path) -> pa.Table:
+def read_parquet(path: Path, *, schema_only: bool = False) -> pa.Table | pa.Schema:
+    """One Parquet file (or only its schema); a truncated or non-Parquet file is a DataError naming it."""
     try:
-        return pq.read_table(path)
+        return pq.read_schema(path) if schema_only else pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file ({e})") from e
 
 
 def read_table(path: str | os.PathLike, contract: Contract) -> pa.Table:
     """Read and validate one file or a folder of files (each file is checked on its own, so errors name it)."""
-    tables = [validate(_read_one(f), contract, str(f)) for f in parquet_files(path)]
+    tables = [validate(read_parquet(f), contract, str(f)) for f in parquet_files(path)]
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     if contract.key and len(tables) > 1:
         validate(table, contract, str(path))  # duplicates across files
@@ -263,7 +265,7 @@ def write_embeddings(path: str | os.PathLike, ids: Iterable[str], emb: np.ndarra
 def read_embedding_space(path: str | os.PathLike) -> dict:
     """The space JSON stored in an embeddings file's metadata (no data read)."""
     f = parquet_files(path)[0]
-    meta = pq.read_schema(f).metadata or {}
+    meta = read_parquet(f, schema_only=True).metadata or {}
     if EMBEDDING_META_KEY not in meta:
         raise DataError(f"{f}: embeddings file without '{EMBEDDING_META_KEY.decode()}' metadata")
     return json.loads(meta[EMBEDDING_META_KEY])
@@ -304,7 +306,7 @@ def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray, dic
     ids: list[str] = []
     mats: list[np.ndarray] = []
     for f in files:
-        table = _read_one(f)
+        table = read_parquet(f)
         if "id" not in table.column_names or "embedding" not in table.column_names:
             raise DataError(f"{f}: an embeddings file needs columns 'id' and 'embedding'")
         ids += _embedding_ids(table, f)
@@ -312,5 +314,6 @@ def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray, dic
     emb = np.concatenate(mats) if mats else np.zeros((0, 0), np.float32)
     dupes = len(ids) - len(set(ids))
     if dupes:
-        raise DataError(f"{path}: {dupes} duplicate id(s) in embeddings")
+        first = next(i for i, c in Counter(ids).items() if c > 1)
+        raise DataError(f"{path}: field 'id': {dupes} duplicate id(s) in embeddings, first {first!r}")
     return ids, emb, json.loads(spaces.pop())

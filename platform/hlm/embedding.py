@@ -13,10 +13,9 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from hlm.config import ModelRef, Runtime
-from hlm.data import ADS, QUERIES, Contract, embeddings_table, parquet_files, split_valid
+from hlm.data import ADS, QUERIES, Contract, embeddings_table, parquet_files, read_parquet, split_valid
 from hlm.encoder import Encoder
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ def validate_inputs(path: str | Path, kind: InputKind) -> ValidatedInput:
     files = parquet_files(path)
     valid, rejected, seen = [], [], set()
     for f in files:
-        table = pq.read_table(f)
+        table = read_parquet(f)
         good, bad = split_valid(table.append_column("_pos", pa.array(np.arange(table.num_rows))), contract, str(f))
         if kind == "ads" and "deleted" in good.column_names:  # after validation, so row numbers stay the file's
             good = good.filter(pa.compute.invert(pa.compute.fill_null(good.column("deleted"), False)))

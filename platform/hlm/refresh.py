@@ -26,7 +26,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hlm.config import Config, ConfigError
-from hlm.data import ADS, parquet_files, qrels_from_labels, read_embeddings, read_labels, split_valid, write_embeddings
+from hlm.data import (
+    ADS,
+    parquet_files,
+    qrels_from_labels,
+    read_embeddings,
+    read_labels,
+    read_parquet,
+    split_valid,
+    write_embeddings,
+)
 from hlm.encoder import space_of
 from hlm.evaluation import retrieval_quality
 from hlm.index import AdIndex
@@ -120,7 +129,7 @@ def read_catalogue(path: str | Path) -> tuple[pa.Table, pa.Table]:
     """(valid live rows: ad_id, text; rejected: _file, _row (position in its file), ad_id, _reason)."""
     valid, rejected, seen = [], [], set()
     for f in parquet_files(path):
-        table = pq.read_table(f)
+        table = read_parquet(f)
         table = table.append_column("_pos", pa.array(np.arange(table.num_rows), pa.int64()))
         if "deleted" in table.column_names:
             table = table.filter(pc.invert(pc.fill_null(table.column("deleted").cast(pa.bool_()), False)))

@@ -147,3 +147,15 @@ def test_a_bad_row_is_reported_and_loses_nothing(refresh: Refresh) -> None:
     ids1, emb1, _ = read_embeddings(refresh.work / first["run"] / "embeddings")
     vec = index.index.reconstruct(index.ids.index("ad-00010"))
     np.testing.assert_array_equal(vec, emb1[ids1.index("ad-00010")])
+
+
+def test_a_truncated_catalogue_exits_2_naming_the_file_and_the_current_version_stays(refresh: Refresh, capsys) -> None:
+    write_ads(refresh.ads, catalogue())
+    _, first = refresh()
+    whole = refresh.ads.read_bytes()
+    refresh.ads.write_bytes(whole[: len(whole) // 2])
+    assert main(refresh.base) == 2
+    failed = json.loads(sorted(refresh.work.glob("*/run.json"))[-1].read_text())
+    assert failed["status"] == "error" and f"{refresh.ads}: not a readable Parquet file" in failed["why_not"]
+    assert f"why: {failed['why_not']}" in capsys.readouterr().out
+    assert refresh.store.current() == first["run"] and refresh.store.versions() == [first["run"]]

@@ -87,7 +87,8 @@ def kill_before_commit(store: IndexStore, server: DurableRedis) -> Callable[[], 
 
 
 @pytest.mark.parametrize("kill", ["while writing chunks", "before the final MULTI/EXEC"])
-def test_redis_killed_mid_publish_keeps_the_old_version_current_and_a_rerun_succeeds(durable_redis, kill):
+def test_redis_killed_mid_publish_keeps_the_old_version_current_and_a_rerun_succeeds(durable_redis, kill,
+                                                                                    record_property):
     store = IndexStore(redis_client(durable_redis.url), "ads", chunk_bytes=16 * 1024)
     old = store.publish(flat_index(0))
     undo = kill_at_chunk(store, durable_redis, 5) if kill == "while writing chunks" else kill_before_commit(
@@ -100,6 +101,7 @@ def test_redis_killed_mid_publish_keeps_the_old_version_current_and_a_rerun_succ
     store = IndexStore(redis_client(durable_redis.url), "ads", chunk_bytes=16 * 1024)
     assert store.current() == old and store.versions() == [old]
     assert store.load().ids == flat_index(0).ids  # complete: every chunk is there and its sha256 matches
+    record_property("current_after_restart", "old version")
     store.gc(orphans_older_than_s=0)  # the dead publish's leftovers (its cleanup could not reach Redis)
     assert {k.split(b":")[3].decode() for k in store.client.scan_iter(match="hlm:ads:v:*")} == {old}
 
