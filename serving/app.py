@@ -10,6 +10,7 @@ the HTTP contract is `hlm.api`.
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' types at run time
 # through Serve's class-based ingress, and string annotations make it take the body for a query parameter.
+import asyncio
 import logging
 import os
 
@@ -18,7 +19,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.exceptions import RayActorError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from hlm.api import (
     API_KEY_ENV,
@@ -71,6 +73,8 @@ class AppArgs(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
+    downstream_timeout_s: float = Field(10, gt=0, description=(
+        "a request waiting longer on the encoder or index (no live replica, a restart) is a 503 instead"))
     api_key: SecretStr | None = Field(None, description=(
         f"require this key on /v1/* except GET /v1/healthz; ${API_KEY_ENV} wins when set. Prefer the "
         "environment: these args are readable by anyone who can run `serve config`"))
@@ -130,26 +134,46 @@ async def require_api_key(request: Request, call_next):
     return await call_next(request)
 
 
+async def downstream(response: DeploymentResponse, timeout_s: float):
+    """The result of a call to another deployment, or a 503 with Retry-After when the replica holding the request
+    died or no replica answered within `timeout_s` (the only one is restarting, say).
+
+    Serve routes new requests to live replicas and the controller replaces a dead one, so a client's retry
+    succeeds; what must not happen is a 500, or a request queued for as long as a restart takes."""
+    try:
+        return await asyncio.wait_for(response, timeout_s)  # a timeout cancels the request in Serve too
+    except RayActorError as e:
+        raise HTTPException(status_code=503, headers={"Retry-After": "1"},
+                            detail=f"a replica died while serving this request, retry ({type(e).__name__})") from e
+    except TimeoutError as e:
+        raise HTTPException(status_code=503, headers={"Retry-After": "1"},
+                            detail=f"no replica answered within {timeout_s:g}s, retry") from e
+
+
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Api:
-    def __init__(self, encoder: DeploymentHandle, index: DeploymentHandle, api_key: SecretStr | None = None):
+    def __init__(self, encoder: DeploymentHandle, index: DeploymentHandle, api_key: SecretStr | None = None,
+                 downstream_timeout_s: float = 10):
         _log_through_serve()
-        self.encoder, self.index = encoder, index
+        self.encoder, self.index, self.downstream_timeout_s = encoder, index, downstream_timeout_s
         self._info: dict | None = None
         api.state.api_key = api_key.get_secret_value() if api_key else None  # read by require_api_key
 
+    async def _call(self, response: DeploymentResponse):
+        return await downstream(response, self.downstream_timeout_s)
+
     async def encoder_info(self) -> dict:
         if self._info is None:  # the student is fixed for the life of this app version
-            self._info = await self.encoder.info.remote()
+            self._info = await self._call(self.encoder.info.remote())
         return self._info
 
     @api.post("/v1/search", response_model=SearchResponse)
     async def search(self, req: SearchRequest) -> SearchResponse:
-        q_emb = await self.encoder.encode.remote(req.query)
+        q_emb = await self._call(self.encoder.encode.remote(req.query))
         info = await self.encoder_info()
         try:
-            hits, version = await self.index.search.remote(q_emb, req.k)
+            hits, version = await self._call(self.index.search.remote(q_emb, req.k))
         except StoreError as e:  # nothing loaded yet: the service is not ready, the request was fine
             raise HTTPException(status_code=503, detail=str(e)) from e
         return SearchResponse(ads=[ScoredAd(ad_id=a, score=s) for a, s in hits], index_version=version,
@@ -158,19 +182,19 @@ class Api:
     @api.post("/v1/embed", response_model=EmbedResponse)
     async def embed(self, req: EmbedRequest) -> EmbedResponse:
         rows = [self.encoder.encode.remote(q) for q in req.queries]  # fan out: they batch on the replica
-        emb = [await r for r in rows]
+        emb = [await self._call(r) for r in rows]
         info = await self.encoder_info()
         return EmbedResponse(embeddings=[e.tolist() for e in emb], dim=info["dim"], space=info["space"],
                              model_version=info["model_version"])
 
     @api.get("/v1/healthz")
     async def healthz(self) -> dict:
-        status = await self.index.status.remote()
+        status = await self._call(self.index.status.remote())
         return {"ok": status["version"] is not None, "index_version": status["version"]}
 
     @api.get("/v1/index")
     async def index_status(self) -> dict:
-        return await self.index.status.remote()
+        return await self._call(self.index.status.remote())
 
 
 def build_app(args: dict) -> serve.Application:
@@ -185,7 +209,7 @@ def build_app(args: dict) -> serve.Application:
     ).bind(cfg.student.model_dump(), runtime.model_dump(), cfg.max_batch_size, cfg.batch_wait_timeout_s)
     index = AdIndex.bind(cfg.index, cfg.redis_url or os.environ.get("HLM_REDIS_URL"), space_of(cfg.student),
                          cfg.poll_s)
-    return Api.bind(encoder, index, _api_key(cfg))
+    return Api.bind(encoder, index, _api_key(cfg), cfg.downstream_timeout_s)
 
 
 def _api_key(cfg: AppArgs) -> SecretStr | None:

@@ -92,6 +92,7 @@ def _embed_cmd(model: Path, src: Path, out: Path) -> list[str]:
             "--out", str(out), "--set", "embed.batch_size=8"]
 
 
+@pytest.mark.reliability
 def test_killed_job_leaves_no_output_and_the_rerun_is_exactly_once(ray_cluster, tiny_bert_dir, tmp_path):
     write_ads(tmp_path / "ads.parquet", n=200)
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}

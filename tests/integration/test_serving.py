@@ -3,15 +3,20 @@ outages, bad input, the optional API key."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings
 
 from hlm.encoder import Encoder
 from hlm.index import AdIndex
@@ -155,6 +160,7 @@ def test_index_status_reports_version_space_and_count(app_url, encoder):
     assert requests.get(f"{app_url}/v1/healthz", timeout=30).json()["ok"] is True
 
 
+@pytest.mark.reliability
 def test_hot_swap_under_load_loses_no_request_and_never_mixes_versions(app_url, own_redis, encoder):
     # Given a client sending a steady stream of searches
     results, errors, stop = [], [], threading.Event()
@@ -196,6 +202,7 @@ def test_an_index_of_another_space_is_refused_and_the_old_one_keeps_serving(app_
     IndexStore(redis_client(own_redis["url"]), "ads").rollback(before)
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("damage, reason", [
     (lambda store, v: store.client.delete(store.manifest_key(v)), r"no version '{v}' \(no hlm:ads:v:{v}:manifest\)"),
     (lambda store, v: store.client.setrange(store.chunk_key(v, 0), 64, b"\xff" * 8), r"version {v}: sha256 of its"),
@@ -216,6 +223,7 @@ def test_a_damaged_version_is_refused_and_the_old_one_keeps_serving(app_url, own
     store.rollback(serving)
 
 
+@pytest.mark.reliability
 def test_redis_outage_keeps_serving_and_the_next_version_is_picked_up(app_url, own_redis, encoder):
     serving = search(app_url, QUERIES[0]).json()["index_version"]
     own_redis["stop"]()
@@ -263,3 +271,78 @@ def test_the_key_in_either_header_opens_every_route(secured_url, headers):
 
 def test_an_app_without_a_key_stays_open(app_url):
     assert search(app_url, QUERIES[0]).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- faults, fuzz
+
+FUZZ_EXAMPLES = int(os.environ.get("HLM_FUZZ_EXAMPLES", "25"))  # per operation; `make reliability` runs 200
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("mode", list(schemathesis.GenerationMode), ids=lambda m: m.value)
+def test_requests_generated_from_the_openapi_schema_never_get_a_5xx(app_url, mode, record_property):
+    # positive: requests the schema allows; negative: requests it forbids (wrong types, missing fields, ...)
+    schema = schemathesis.openapi.from_url(f"{app_url}/openapi.json")
+    statuses: Counter[int] = Counter()
+
+    @given(case=schema.as_strategy(generation_mode=mode))
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def answers_without_a_server_error(case) -> None:
+        response = case.call(base_url=app_url, timeout=30)
+        statuses[response.status_code] += 1
+        assert response.status_code < 500, (f"{case.method} {case.path} {case.body!r} -> {response.status_code} "
+                                             f"{response.text[:300]}")
+        response.json()  # every answer, 4xx included, is JSON
+
+    answers_without_a_server_error()
+    record_property("statuses", dict(sorted(statuses.items())))
+    assert statuses[200 if mode is schemathesis.GenerationMode.POSITIVE else 422] > 0, statuses
+
+
+@pytest.mark.reliability
+def test_a_killed_encoder_replica_costs_fast_503s_at_most_and_is_replaced(app_url, ray_cluster, record_property):
+    from ray.util.state import list_actors
+
+    def encoder_replicas() -> list:
+        alive = [("class_name", "=", "ServeReplica:hlm:QueryEncoder"), ("state", "=", "ALIVE")]
+        return list_actors(ray_cluster["dashboard"], filters=alive)
+
+    wait_for_version(app_url, "v")
+    [victim] = encoder_replicas()
+    outcomes: list[tuple[float, int | str, float]] = []  # (finished at, status or exception, seconds)
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                status: int | str = search(app_url, QUERIES[0]).status_code
+            except requests.RequestException as e:  # a timeout here is a hung request
+                status = type(e).__name__
+            outcomes.append((time.monotonic(), status, time.monotonic() - started))
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for t in clients:
+        t.start()
+    time.sleep(1.0)
+    killed_at = time.monotonic()
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline, replaced_at = killed_at + 120, None
+    while time.monotonic() < deadline:
+        if replaced_at is None and any(r.actor_id != victim.actor_id for r in encoder_replicas()):
+            replaced_at = time.monotonic()
+        if replaced_at is not None and any(at > replaced_at and s == 200 for at, s, _ in outcomes):
+            break
+        time.sleep(0.2)
+    stop.set()
+    for t in clients:
+        t.join(timeout=60)
+
+    statuses = [s for _, s, _ in outcomes]
+    assert replaced_at is not None, "Serve did not replace the killed replica within 120 s"
+    assert set(statuses) <= {200, 503}, f"only 200 or a fast 503 may come back: {sorted(set(map(str, statuses)))}"
+    assert any(at > replaced_at and s == 200 for at, s, _ in outcomes), "no answer from the new replica"
+    record_property("requests", len(statuses))
+    record_property("503s", statuses.count(503))
+    record_property("slowest_s", round(max(s for _, _, s in outcomes), 2))
+    record_property("replaced_after_s", round(replaced_at - killed_at, 1))

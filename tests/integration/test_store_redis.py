@@ -71,6 +71,7 @@ def test_a_subscriber_receives_the_new_version_id(store: IndexStore, client: red
         assert received(sub, 1) == [v1.encode()]
 
 
+@pytest.mark.reliability
 def test_a_tampered_chunk_is_refused_before_deserialising(store: IndexStore, client: redis.Redis,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # Given two versions, the newest with one byte flipped in its second chunk
