@@ -60,10 +60,12 @@ def redis_client(url: str | None = None, *, password: str | None = None, ssl_ca:
     """A binary-safe client for ``url`` (else ``$HLM_REDIS_URL``, else ``redis://127.0.0.1:6379/0``).
 
     ``password`` (else ``$HLM_REDIS_PASSWORD``) overrides one in the URL; ``rediss://`` enables TLS, verified
-    against ``ssl_ca`` (a CA bundle path) or the system CAs. Socket timeouts are 5 s.
+    against ``ssl_ca`` (else ``$HLM_REDIS_CA``: a CA bundle path, for a private CA) or the system CAs. Socket
+    timeouts are 5 s.
     """
     url = url or os.environ.get("HLM_REDIS_URL") or "redis://127.0.0.1:6379/0"
     password = password or os.environ.get("HLM_REDIS_PASSWORD") or None
+    ssl_ca = ssl_ca or (os.environ.get("HLM_REDIS_CA") if url.startswith("rediss://") else None) or None
     kwargs: dict = {"decode_responses": False, "socket_timeout": 5.0, "socket_connect_timeout": 5.0}
     if url.startswith("rediss://"):
         kwargs["ssl_cert_reqs"] = "required"
