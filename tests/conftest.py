@@ -118,12 +118,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         for report in terminalreporter.stats.get(outcome, []):
             scenario = "reliability" in getattr(report, "keywords", {})
             if scenario and (report.when == "call" or outcome != "passed" and report.when == "setup"):
-                rows.append((report.nodeid.split("::", 1)[-1], outcome, report.duration,
+                rows.append((report.nodeid.rsplit("/", 1)[-1].replace(".py::", "::"), outcome, report.duration,
                                  dict(getattr(report, "user_properties", []))))
     if not rows:
         return
     terminalreporter.section("reliability scenarios")
-    terminalreporter.write_line(f"{'scenario':<100} {'result':<8} {'s':>6}  figures")
+    terminalreporter.write_line(f"{'scenario (file::test)':<110} {'result':<8} {'s':>6}  figures")
     for name, outcome, seconds, figures in sorted(rows):
         shown = ", ".join(f"{k}={v}" for k, v in figures.items())
-        terminalreporter.write_line(f"{name[:100]:<100} {outcome.upper():<8} {seconds:>6.1f}  {shown}")
+        terminalreporter.write_line(f"{name[:110]:<110} {outcome.upper():<8} {seconds:>6.1f}  {shown}")

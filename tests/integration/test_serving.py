@@ -161,7 +161,7 @@ def test_index_status_reports_version_space_and_count(app_url, encoder):
 
 
 @pytest.mark.reliability
-def test_hot_swap_under_load_loses_no_request_and_never_mixes_versions(app_url, own_redis, encoder):
+def test_hot_swap_under_load_loses_no_request_and_never_mixes_versions(app_url, own_redis, encoder, record_property):
     # Given a client sending a steady stream of searches
     results, errors, stop = [], [], threading.Event()
 
@@ -193,6 +193,9 @@ def test_hot_swap_under_load_loses_no_request_and_never_mixes_versions(app_url, 
         assert len(prefixes) == 1
         by_version.setdefault(body["index_version"], set()).update(prefixes)
     assert all(len(p) == 1 for p in by_version.values()) and len(by_version) >= 2
+    record_property("requests", len(results))
+    record_property("errors", len(errors))
+    record_property("versions_seen", len(by_version))
 
 
 def test_an_index_of_another_space_is_refused_and_the_old_one_keeps_serving(app_url, own_redis, encoder):
@@ -224,7 +227,7 @@ def test_a_damaged_version_is_refused_and_the_old_one_keeps_serving(app_url, own
 
 
 @pytest.mark.reliability
-def test_redis_outage_keeps_serving_and_the_next_version_is_picked_up(app_url, own_redis, encoder):
+def test_redis_outage_keeps_serving_and_the_next_version_is_picked_up(app_url, own_redis, encoder, record_property):
     serving = search(app_url, QUERIES[0]).json()["index_version"]
     own_redis["stop"]()
     for query in QUERIES * 3:  # Redis is down: searches still succeed from memory
@@ -233,6 +236,8 @@ def test_redis_outage_keeps_serving_and_the_next_version_is_picked_up(app_url, o
     own_redis["start"]()  # no persistence: Redis comes back empty, and a fresh publish must be picked up
     version = publish(own_redis["url"], encoder, ADS, "v3")
     assert wait_for_version(app_url, "v3")["index_version"] == version
+    record_property("searches_while_down", len(QUERIES * 3))
+    record_property("failed", 0)
 
 
 # ------------------------------------------------------------------------------------------ API key

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -82,3 +84,10 @@ def test_a_trial_aligns_a_student_and_reports_quality_recovery_and_speed(catalog
     report = write_study_report(results, {"quality": teacher, "speed": {"latency_p50_ms": 1.0}}, tmp_path)
     assert report["plot"].stat().st_size > 0
     assert "l2-projection-L1" in report["md"].read_text()
+
+
+def test_the_shipped_study_config_loads_and_lays_out_the_base_point_plus_one_trial_per_other_value():
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "study.yaml", schema=StudyConfig)
+    laid_out = trials(cfg.study)
+    assert len(laid_out) == 6 and laid_out[0] == Trial("l2", "projection", 6, 1e-4, "cosine")
+    assert len({t.name for t in laid_out}) == 6
