@@ -108,3 +108,14 @@ def local_redis(folder: Path) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         subprocess.run(["kill", pid], check=False)
+
+
+def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
+    """`<out_dir>/<name>.png` from a matplotlib figure (then closed): what a benchmark's `plot` returns."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

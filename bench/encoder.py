@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import interleaved_timings, ms_percentiles, realistic_queries, write_result
+from bench.common import interleaved_timings, ms_percentiles, realistic_queries, save_figure, write_result
 from hlm.catalog import generate_catalog
 from hlm.config import ModelRef, Precision, Runtime
 from hlm.data import qrels_from_labels
@@ -131,8 +131,4 @@ def plot(record: dict, out_dir: Path) -> list[Path]:
     for ax in (lat, thr):
         ax.set_xticks(x, names, rotation=30, ha="right")
     fig.suptitle("query encoder: teacher vs student depth and precision (same cores, one run)")
-    fig.tight_layout()
-    path = out_dir / "encoder.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out_dir, "encoder")

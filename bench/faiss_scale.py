@@ -29,7 +29,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from bench.common import local_redis, write_result
+from bench.common import local_redis, save_figure, write_result
 from hlm.index import AdIndex
 from hlm.store import IndexStore, redis_client
 
@@ -190,8 +190,4 @@ def plot(record: dict, out_dir: Path) -> list[Path]:
     pl.set_ylabel("seconds (Redis, one version)")
     pl.legend()
     fig.suptitle("FAISS at scale (synthetic clustered unit vectors)")
-    fig.tight_layout()
-    path = out_dir / "faiss_scale.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out_dir, "faiss_scale")

@@ -24,7 +24,7 @@ import numpy as np
 import ray
 import torch
 
-from bench.common import write_result
+from bench.common import save_figure, write_result
 from hlm.catalog import generate_catalog
 from hlm.cli import init_ray
 from hlm.config import Config, ModelRef, load_config
@@ -95,8 +95,4 @@ def plot(record: dict, out_dir: Path) -> list[Path]:
     ax.bar([r["path"] for r in runs], [r["samples_per_s"] for r in runs], color="tab:purple")
     ax.set_ylabel("samples/s (align phase, in the loop)")
     ax.set_title(f"{record['config']['model']}: Ray Train vs a plain loop")
-    fig.tight_layout()
-    path = out_dir / "train_throughput.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out_dir, "train_throughput")

@@ -76,6 +76,17 @@ def ray_cluster() -> Iterator[dict]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models train faster on one thread, and two threads stall badly on a busy 2-core CI box."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from hlm.tiny import save_tiny_encoder

@@ -23,13 +23,7 @@ ADS = [f"{q} for sale, best {q} deals {i}" for i, q in enumerate(QUERIES)]
 LORA = LoraSettings(r=4, alpha=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def teacher_job(**overrides) -> TrainJob:

@@ -21,13 +21,7 @@ QUERIES = [f"{a} {b}" for a, b in itertools.permutations(WORDS, 2)][:48]
 TEACHER_DIM = 48
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,7 @@ POSITIVE = np.arange(len(QUERIES))  # ad i is the positive of query i
 STUDENT_DIM, TEACHER_DIM = 32, 48
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train faster on one thread, and two threads stall badly on a busy 2-core CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
