@@ -6,8 +6,10 @@ results keep FAISS's vocabulary: ``D`` (scores, ``(B, k)`` float32) and ``I`` (p
 normalise the embeddings before building (the encoder does when its space says ``normalize``).
 
 Search parameters (``nprobe`` for IVF, ``ef_search`` for HNSW) are passed per call as
-``faiss.SearchParameters*``; the index's stored defaults are set once at build time and never mutated by a
-search, so concurrent requests with different settings cannot interfere.
+``faiss.SearchParameters*``. A refining index (factory ending ``,RFlat`` or ``,Refine(SQ8)``) re-scores the
+``k·k_factor`` candidates of its base index with the finer codes: the usual cure for IVF-PQ's recall.
+The index's stored defaults are set once at build time and never mutated by a search, so concurrent requests
+with different settings cannot interfere.
 
 Serialisation is bytes only, no pickle: the index is ``faiss.serialize_index`` bytes, the ids an Arrow IPC
 stream with one string column ``ad_id`` whose schema metadata records the space and the factory string.
@@ -28,11 +30,17 @@ _META_SPACE = b"hlm.space"
 _META_FACTORY = b"hlm.factory"
 
 
-def _parts(index: faiss.Index) -> tuple[faiss.IndexIVF | None, faiss.IndexHNSW | None]:
-    """(the IVF layer or None, the HNSW graph or None) under any PreTransform/IDMap wrappers."""
+def _refine(index: faiss.Index) -> faiss.IndexRefine | None:
+    """The re-ranking layer of a ``…,RFlat`` / ``…,Refine(…)`` index (always the outermost), or None."""
     core = faiss.downcast_index(index)
-    while isinstance(core, faiss.IndexPreTransform | faiss.IndexIDMap):
-        core = faiss.downcast_index(core.index)
+    return core if isinstance(core, faiss.IndexRefine) else None
+
+
+def _parts(index: faiss.Index) -> tuple[faiss.IndexIVF | None, faiss.IndexHNSW | None]:
+    """(the IVF layer or None, the HNSW graph or None) under any Refine/PreTransform/IDMap wrappers."""
+    core = faiss.downcast_index(index)
+    while isinstance(core, faiss.IndexRefine | faiss.IndexPreTransform | faiss.IndexIDMap):
+        core = faiss.downcast_index(core.base_index if isinstance(core, faiss.IndexRefine) else core.index)
     if isinstance(core, faiss.IndexIVF):
         quantizer = faiss.downcast_index(core.quantizer)
         return core, quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
@@ -59,8 +67,9 @@ class AdIndex:
     @classmethod
     def build(cls, ids: list[str], emb: np.ndarray, space: str, factory: str = "Flat", *,
               train_size: int | None = None, seed: int = 0, nprobe: int | None = None,
-              ef_search: int | None = None) -> AdIndex:
-        """Build from ad ids and ``emb (N, d)``; ``nprobe``/``ef_search`` set the stored serving defaults.
+              ef_search: int | None = None, k_factor: float | None = None) -> AdIndex:
+        """Build from ad ids and ``emb (N, d)``; ``nprobe``/``ef_search``/``k_factor`` set the stored serving
+        defaults (``k_factor``: a refining index re-scores ``k·k_factor`` candidates of its base index).
 
         Indexes that need training (IVF, PQ, …) train on ``train_size`` rows sampled with ``seed``
         (all rows when None).
@@ -80,6 +89,8 @@ class AdIndex:
         _positive("train_size", train_size)
         _positive("nprobe", nprobe)
         _positive("ef_search", ef_search)
+        if k_factor is not None and not k_factor >= 1:
+            raise ValueError(f"k_factor must be >= 1, got {k_factor!r}")
         n, d = emb.shape
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
@@ -102,6 +113,11 @@ class AdIndex:
             if hnsw is None:
                 raise ValueError(f"ef_search applies to HNSW indexes, not to '{factory}'")
             hnsw.hnsw.efSearch = int(ef_search)
+        if k_factor is not None:
+            refine = _refine(index)
+            if refine is None:
+                raise ValueError(f"k_factor applies to refining indexes (…,RFlat or …,Refine(…)), not to '{factory}'")
+            refine.k_factor = float(k_factor)
         return cls(index, ids, space, factory)
 
     @classmethod
@@ -139,6 +155,12 @@ class AdIndex:
         _, hnsw = _parts(self.index)
         return None if hnsw is None else int(hnsw.hnsw.efSearch)
 
+    @property
+    def k_factor(self) -> float | None:
+        """The stored re-ranking depth of a refining index (None for others)."""
+        refine = _refine(self.index)
+        return None if refine is None else float(refine.k_factor)
+
     def __repr__(self) -> str:
         return f"AdIndex(factory={self.factory!r}, ntotal={self.ntotal}, dim={self.dim}, space={self.space!r})"
 
@@ -154,13 +176,16 @@ class AdIndex:
             raise ValueError(f"nprobe applies to IVF indexes, not to '{self.factory}'")
         if ef_search is not None and hnsw is None:
             raise ValueError(f"ef_search applies to HNSW indexes, not to '{self.factory}'")
-        hnsw_params = faiss.SearchParametersHNSW(efSearch=int(ef_search)) if ef_search is not None else None
-        if ivf is None:
-            return hnsw_params
-        ivf_params = faiss.SearchParametersIVF(nprobe=int(nprobe) if nprobe is not None else ivf.nprobe)
-        if hnsw_params is not None:  # an HNSW coarse quantizer (e.g. IVF65536_HNSW32)
-            ivf_params.quantizer_params = hnsw_params
-        return ivf_params
+        params = faiss.SearchParametersHNSW(efSearch=int(ef_search)) if ef_search is not None else None
+        if ivf is not None:
+            hnsw_params, params = params, faiss.SearchParametersIVF(nprobe=int(nprobe) if nprobe is not None
+                                                                    else ivf.nprobe)
+            if hnsw_params is not None:  # an HNSW coarse quantizer (e.g. IVF65536_HNSW32)
+                params.quantizer_params = hnsw_params
+        refine = _refine(self.index)
+        if refine is not None:  # FAISS refuses base-index parameters handed to the refining layer directly
+            params = faiss.IndexRefineSearchParameters(k_factor=refine.k_factor, base_index_params=params)
+        return params
 
     def search(self, q_emb: np.ndarray, k: int, *, nprobe: int | None = None,
                ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
