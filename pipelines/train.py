@@ -71,6 +71,8 @@ def train_loop_per_worker(config: dict) -> None:
     data: PhaseData = ray.get(config["data"]).shard(rank, world)
     # fp32 master weights and optimizer state; train.mixed_precision adds bf16 compute on top
     runtime = Runtime(device="cuda" if cfg.cluster.use_gpu else "cpu", dtype="float32")
+    if not cfg.cluster.use_gpu:  # explicit: OMP_NUM_THREADS may be inherited from the driver's environment
+        torch.set_num_threads(cfg.cluster.cpus_per_worker)
     torch.manual_seed(cfg.seed)  # a fresh projection head starts identical on every rank (DDP broadcasts it too)
 
     checkpoint = ray.train.get_checkpoint()
@@ -166,7 +168,8 @@ def run_train(cfg: Config, init: ModelRef, data: PhaseData, run_name: str) -> ra
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "init": init.model_dump(mode="json"),
                            "data": ray.put(data)},
-        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu),
+        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
+                                     resources_per_worker={"CPU": c.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=keep),
                              failure_config=FailureConfig(max_failures=c.max_failures)),
     )

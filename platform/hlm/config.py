@@ -164,6 +164,8 @@ class TrainCluster(_Section):
 
     num_workers: int = Field(1, gt=0, description="training workers (DDP ranks); each trains on its 1/n of the rows")
     use_gpu: bool = Field(False, description="one GPU per worker (`profile: gpu` sets it)")
+    cpus_per_worker: int = Field(1, gt=0, description="CPUs reserved per worker; Ray sets OMP_NUM_THREADS, hence "
+                                 "torch's intra-op threads, to it (one worker on a 2-core box: 2)")
     storage_path: str = Field("runs/ray_results", description="Ray Train run folders: checkpoints and resume "
                               "state; a relative path is taken from the working directory; use shared storage "
                               "(s3://, gs://, NFS) on a multi-node cluster")
