@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.save(out / "train.config.yaml")
     # 2. train the phase on Ray Train
     run_name = args.run_name or f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    init_ray(cfg.cluster.num_workers + 1)  # the trainer's coordinator takes a slot beside the workers
+    init_ray(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1)  # + a slot for the trainer's coordinator
     started = time.perf_counter()
     try:
         result = run_train(cfg, init, data, run_name)
