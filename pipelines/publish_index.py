@@ -1,6 +1,11 @@
 """Build a FAISS index from teacher ad embeddings and publish it to Redis as a new version.
 
     python -m pipelines.publish_index --embeddings EMB/ads --index ads --factory HNSW32 [--redis-url URL]
+    python -m pipelines.publish_index --embeddings EMB/ads --index ads \
+        --factory "IVF1024_HNSW32,PQ96x4fs,Refine(SQ8)" --nprobe 16 --k-factor 10
+
+`--nprobe`, `--ef-search` and `--k-factor` are stored in the index as its serving defaults (a request may
+still pass its own); the recall gate searches with them.
 """
 
 from __future__ import annotations
@@ -22,12 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", required=True, help="index name: keys hlm:{index}:*")
     parser.add_argument("--factory", default="Flat", help="FAISS index_factory string, e.g. Flat, HNSW32, IVF256,PQ32")
     parser.add_argument("--redis-url", help="default: $HLM_REDIS_URL, else redis://127.0.0.1:6379/0")
+    parser.add_argument("--nprobe", type=int, help="IVF: lists searched per query")
+    parser.add_argument("--ef-search", type=int, help="HNSW (or an IVF's HNSW quantizer): search breadth")
+    parser.add_argument("--k-factor", type=float, help="…,Refine(…)/RFlat: k·k_factor candidates are re-scored")
     parser.add_argument("--min-recall", type=float, default=0.9, help="recall@10 vs exact search required to publish")
     args = parser.parse_args(argv)
     setup_logging()
     try:
         ids, emb, space = read_embeddings(args.embeddings)
-        index = AdIndex.build(ids, emb, space["fingerprint"], args.factory)
+        index = AdIndex.build(ids, emb, space["fingerprint"], args.factory, nprobe=args.nprobe,
+                              ef_search=args.ef_search, k_factor=args.k_factor)
         exact = index if args.factory == "Flat" else AdIndex.build(ids, emb, space["fingerprint"], "Flat")
         sample = emb[np.random.default_rng(0).choice(len(emb), min(1000, len(emb)), replace=False)]  # (S, d)
         recall = index.recall_at_k(exact, sample, k=min(10, index.ntotal))
@@ -40,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, StoreError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"published index '{args.index}' version {version}: {index.ntotal} ads, dim {index.dim}, {args.factory}, "
+    defaults = {"nprobe": index.nprobe, "ef_search": index.ef_search, "k_factor": index.k_factor}
+    print(f"published index '{args.index}' version {version}: {index.ntotal} ads, dim {index.dim}, {args.factory} "
+          f"({', '.join(f'{k} {v:g}' for k, v in defaults.items() if v is not None) or 'no search parameters'}), "
           f"recall@10 {recall:.3f}, space {index.space}")
     return 0
 

@@ -141,6 +141,9 @@ class RefreshJob(_Section):
     ads: str = Field("", description="Parquet file or folder of the current ad catalogue (required by the job)")
     index: str = Field("ads", description="index name in Redis: keys hlm:{index}:*")
     factory: str = Field("Flat", description="FAISS index_factory string, e.g. Flat, HNSW32, IVF4096,PQ64")
+    nprobe: int | None = Field(None, gt=0, description="IVF: lists searched per query (stored serving default)")
+    ef_search: int | None = Field(None, gt=0, description="HNSW or an IVF's HNSW quantizer: search breadth")
+    k_factor: float | None = Field(None, ge=1, description="…,Refine(SQ8) / …,RFlat: candidates re-scored per k")
     redis_url: str | None = Field(None, description="None = $HLM_REDIS_URL, else redis://127.0.0.1:6379/0")
     work_dir: str = Field("runs/refresh", description="one folder per run: embeddings, text hashes, run record; "
                           "the published version's folder is the next run's previous state, so keep it")

@@ -253,7 +253,8 @@ def _run(cfg: Config, embed: EmbedFn, run_dir: Path, rec: dict, stage: Callable)
         emb = merge_embeddings(ids, (prev_ids, prev_emb), (fresh_ids, fresh_emb))
         save_state(run_dir, ids, emb, space, current)
     with stage("build_index"):
-        index = AdIndex.build(ids, emb, space["fingerprint"], job.factory, seed=cfg.seed)
+        index = AdIndex.build(ids, emb, space["fingerprint"], job.factory, seed=cfg.seed, nprobe=job.nprobe,
+                              ef_search=job.ef_search, k_factor=job.k_factor)
     with stage("gate"):
         exact = index if job.factory == "Flat" else AdIndex.build(ids, emb, index.space, "Flat")
         sample = emb[np.random.default_rng(cfg.seed).choice(len(ids), min(job.recall_sample, len(ids)), replace=False)]

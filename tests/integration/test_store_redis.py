@@ -20,13 +20,17 @@ pytestmark = pytest.mark.integration
 N, D_MODEL = 2000, 32
 
 
-@cache  # built once per (seed, space); tests only read it
-def ivf_index(seed: int = 0, space: str = "space-a") -> AdIndex:
+def clustered(seed: int) -> np.ndarray:
+    """(N, d) unit vectors around 32 random centres."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((32, D_MODEL)).astype(np.float32)  # (C, d)
     x = centres[rng.integers(0, 32, N)] + 0.5 * rng.standard_normal((N, D_MODEL)).astype(np.float32)  # (N, d)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return AdIndex.build([f"ad-{seed}-{i}" for i in range(N)], x, space, "IVF16,Flat", nprobe=4)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@cache  # built once per (seed, space); tests only read it
+def ivf_index(seed: int = 0, space: str = "space-a") -> AdIndex:
+    return AdIndex.build([f"ad-{seed}-{i}" for i in range(N)], clustered(seed), space, "IVF16,Flat", nprobe=4)
 
 
 @pytest.fixture
@@ -179,3 +183,23 @@ def test_rollback_and_gc_against_real_redis(store: IndexStore, client: redis.Red
     assert store.rollback(to=v[3]) == "v3" and sorted(store.gc(keep=1)) == ["v0", "v2"]
     assert store.versions() == ["v3"]
     assert {k.decode().split(":v:")[1].split(":")[0] for k in client.scan_iter(match=f"{store.prefix}:v:*")} == {"v3"}
+
+
+
+def test_publish_index_stores_the_search_defaults_the_loaded_version_searches_with(tmp_path, redis_url: str,
+                                                                                   client: redis.Redis) -> None:
+    from hlm.data import write_embeddings
+    from pipelines import publish_index
+
+    ids, emb = [f"ad-{i}" for i in range(N)], clustered(3)
+    write_embeddings(tmp_path / "ads.parquet", ids, emb, {"fingerprint": "space-p", "dim": D_MODEL})
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    factory = f"IVF16,PQ{D_MODEL // 4}x4fs,Refine(SQ8)"
+    assert publish_index.main(["--embeddings", str(tmp_path / "ads.parquet"), "--index", name, "--factory", factory,
+                               "--nprobe", "16", "--k-factor", "8", "--redis-url", redis_url]) == 0
+    loaded = IndexStore(client, name).load(expected_space="space-p")
+    assert (loaded.factory, loaded.nprobe, loaded.k_factor) == (factory, 16, 8.0)
+    exact = AdIndex.build(ids, emb, "space-p", "Flat")
+    assert loaded.recall_at_k(exact, emb[:200], 10) >= 0.9  # every list probed, candidates re-scored
+    assert publish_index.main(["--embeddings", str(tmp_path / "ads.parquet"), "--index", name, "--factory", "Flat",
+                               "--k-factor", "8", "--redis-url", redis_url]) == 2  # k_factor needs a refining index
