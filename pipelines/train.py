@@ -16,10 +16,10 @@ and `recovery/*`).
 Load → train → write. The driver reads the (small) inputs once and runs one `TorchTrainer` of
 `cluster.num_workers` workers. Each rank trains the phase's hlm loop on every n-th row (`train.batch_size` is per
 worker); the loop runs its forward passes through DistributedDataParallel over the process group Ray Train set
-up (gloo on CPU, NCCL on GPU), so gradients are averaged in backward. Contrastive in-batch negatives stay per
-rank. Every `train.checkpoint_every` steps and at the end rank 0 reports a checkpoint that
-`hlm.checkpoint.load_checkpoint` reads; running again with `--run-name NAME` (same `cluster.storage_path`)
-resumes from the newest one. Writes OUT/model (an encoder folder), OUT/metrics.json, OUT/prune/layers-N (prune).
+up (gloo on CPU, NCCL on GPU), so gradients are averaged in backward. Contrastive phases gather the batch over
+ranks, so every rank's pairs are in-batch negatives (num_workers × batch_size of them). Every
+`train.checkpoint_every` steps and at the end rank 0 reports a checkpoint that `hlm.checkpoint.load_checkpoint`
+reads; running again with `--run-name NAME` (same `cluster.storage_path`) resumes from the newest one. Writes OUT/model (an encoder folder), OUT/metrics.json, OUT/prune/layers-N (prune).
 """
 
 from __future__ import annotations

@@ -95,7 +95,8 @@ class TrainJob(_Section):
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
     epochs: int = Field(1, gt=0, description="passes over the training rows (ignored when max_steps is set)")
     max_steps: int | None = Field(None, gt=0, description="optimizer steps in all; None = epochs × rows/batch")
-    batch_size: int = Field(32, gt=0, description="rows per step; in contrastive phases also the in-batch negatives")
+    batch_size: int = Field(32, gt=0, description="rows per step and worker; contrastive phases gather the "
+                            "batches of all workers as in-batch negatives")
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = off)")
     temperature: float = Field(0.05, gt=0, description="τ of the contrastive losses and of score_kl")
     margin: float = Field(0.1, description="qwen3 loss: drop negatives scoring above s(q, d+) + margin")

@@ -1,15 +1,15 @@
 """Data parallelism for the training loops: PyTorch DistributedDataParallel whenever a process group is up.
 
 Ray Train's `TorchTrainer` starts the process group (gloo on CPU, NCCL on GPU) before the worker function runs;
-the hlm loops only wrap their module and reduce a few numbers, so they never import Ray and run unchanged in a
-single process, where both functions below are no-ops.
+the hlm loops only wrap their module, gather the contrastive batch and reduce a few numbers, so they never import
+Ray and run unchanged in a single process, where the functions below are no-ops.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -29,6 +29,40 @@ def data_parallel(module: nn.Module) -> nn.Module:
     if world_size() == 1:
         return module
     return DistributedDataParallel(module, find_unused_parameters=True)
+
+
+def global_batch(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Each tensor (B, …) concatenated over ranks into (world·B, …), rank order, differentiable; None stays None.
+
+    Contrastive losses over the result see every rank's pairs as in-batch negatives, as one process with the whole
+    batch would. Every rank then computes the same global loss, and the gather's backward sums the gradient that
+    reaches each rank's own rows over all ranks (world × its share); DDP's mean over ranks turns that back into
+    exactly the single-process gradient. Ranks must pass equal B (`PhaseData.shard` cuts equal shards).
+    """
+    if world_size() == 1:
+        return tensors
+    return tuple(None if t is None else _GatherRows.apply(t) for t in tensors)
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums the incoming gradient over ranks and keeps this rank's rows.
+
+    (torch.distributed.nn.functional.all_gather does the same but is deprecated as of torch 2.13.)
+    """
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:  # (B, …) -> (world·B, …)
+        world, rows = dist.get_world_size(), t.shape[0]
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous())
+        ctx.rows, ctx.rank = rows, dist.get_rank()
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # (world·B, …) -> (B, …)
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # each rank's copy of the loss reached these rows
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from hlm.checkpoint import save_checkpoint
 from hlm.config import TrainJob
-from hlm.distributed import data_parallel
+from hlm.distributed import data_parallel, global_batch
 from hlm.encoder import Encoder, Kind
 from hlm.lora import add_lora
 from hlm.losses import alignment_loss, contrastive_loss, l2_alignment
@@ -176,11 +176,11 @@ def train_refine(student: Encoder, queries: list[str], positive_ad_idx: np.ndarr
         q_emb = encode([queries[i] for i in idx], "query")  # (B, d)
         pos_emb = _rows(ad_emb, pos[idx], d, student.device)  # (B, d)
         neg_emb = None if hard is None else _rows(ad_emb, hard[idx], d, student.device)  # (B, K, d)
+        target = _rows(teacher_q_emb, idx, d, student.device) if cfg.l2_weight > 0 else None  # (B, d)
+        q_emb, pos_emb, neg_emb, target = global_batch(q_emb, pos_emb, neg_emb, target)  # (world·B, …)
         loss = contrastive_loss(cfg.contrastive, q_emb, pos_emb, neg_emb, temperature=cfg.temperature,
                                 margin=cfg.margin)
-        if cfg.l2_weight > 0:
-            loss = loss + cfg.l2_weight * l2_alignment(q_emb, _rows(teacher_q_emb, idx, d, student.device))
-        return loss
+        return loss if target is None else loss + cfg.l2_weight * l2_alignment(q_emb, target)
 
     # 3-5. optimiser, loop, save
     return fit(student, len(queries), step_loss, cfg, checkpoint_dir=checkpoint_dir, on_step=on_step,
@@ -213,6 +213,7 @@ def train_teacher(encoder: Encoder, queries: list[str], ads_text_pos: list[str],
         if hard_negative_texts is not None:
             flat = [t for i in idx for t in hard_negative_texts[i]]
             neg_emb = encode(flat, "ad").view(len(idx), -1, q_emb.shape[1])  # (B, K, d)
+        q_emb, pos_emb, neg_emb = global_batch(q_emb, pos_emb, neg_emb)  # every rank's pairs are negatives
         return contrastive_loss(cfg.contrastive, q_emb, pos_emb, neg_emb, temperature=cfg.temperature,
                                 margin=cfg.margin)
 
