@@ -19,7 +19,8 @@ worker); the loop runs its forward passes through DistributedDataParallel over t
 up (gloo on CPU, NCCL on GPU), so gradients are averaged in backward. Contrastive phases gather the batch over
 ranks, so every rank's pairs are in-batch negatives (num_workers × batch_size of them). Every
 `train.checkpoint_every` steps and at the end rank 0 reports a checkpoint that `hlm.checkpoint.load_checkpoint`
-reads; running again with `--run-name NAME` (same `cluster.storage_path`) resumes from the newest one. Writes OUT/model (an encoder folder), OUT/metrics.json, OUT/prune/layers-N (prune).
+reads; running again with `--run-name NAME` (same `cluster.storage_path`) resumes from the newest one.
+Writes OUT/model (an encoder folder), OUT/metrics.json, OUT/prune/layers-N (prune).
 """
 
 from __future__ import annotations
