@@ -86,8 +86,10 @@ def train_loop_per_worker(config: dict) -> None:
         # the precision a model serves at (bf16, int8) is not the one it trains in
         encoder = Encoder.load(ModelRef.model_validate({**config["init"], "precision": None}), runtime)
     if cfg.train.phase != "teacher":  # up front, so the encoder we checkpoint is the one fit trains
+        aligning = cfg.train.phase in ("align", "prune") and cfg.train.projection_init == "least_squares"
         encoder = prepare_student(encoder, data.ad_emb.shape[1] if data.ad_emb is not None
-                                  else data.teacher_q_emb.shape[1], cfg.train.width, teacher_space=data.teacher_space)
+                                  else data.teacher_q_emb.shape[1], cfg.train.width, teacher_space=data.teacher_space,
+                                  fit=(data.queries, data.teacher_q_emb) if aligning else None, seed=cfg.seed)
     if cfg.train.phase == "prune":
         _prune(encoder, data, cfg, checkpoint is not None, world, rank)
     else:

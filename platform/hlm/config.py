@@ -106,6 +106,10 @@ class TrainJob(_Section):
     width: Literal["projection", "truncate"] = Field(
         "projection", description="when the student is narrower than the teacher: a linear head into the "
         "teacher's width, or the first d_student teacher dims renormalised (a truncated teacher space)")
+    projection_init: Literal["least_squares", "orthogonal"] = Field(
+        "least_squares", description="align/prune: a fresh projection head starts as the ridge least-squares map "
+        "from the student's pooled features to the teacher's query embeddings (fit on up to 4,096 training "
+        "queries), or as a random isometry; refine always starts a fresh head orthogonal (contrastive only)")
     prune_schedule: list[int] = Field(default_factory=list, description="layer counts, decreasing, e.g. [4, 3, 2]")
     steps_per_prune: int = Field(100, gt=0, description="re-alignment steps after each pruning step")
     checkpoint_every: int = Field(0, ge=0, description="write a checkpoint every N steps (0 = only at the end)")

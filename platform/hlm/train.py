@@ -38,6 +38,7 @@ from hlm.distributed import data_parallel, global_batch
 from hlm.encoder import Encoder, Kind
 from hlm.lora import add_lora
 from hlm.losses import alignment_loss, contrastive_loss, l2_alignment
+from hlm.projection import fit_head
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +92,13 @@ def truncated_space(space: str, dim: int) -> str:
     return hashlib.sha256(f"{space}|truncate|{dim}".encode()).hexdigest()[:16]
 
 
-def prepare_student(student: Encoder, teacher_dim: int, width: str, *, teacher_space: str | None = None) -> Encoder:
+def prepare_student(student: Encoder, teacher_dim: int, width: str, *, teacher_space: str | None = None,
+                    fit: tuple[list[str], np.ndarray] | None = None, seed: int = 0) -> Encoder:
     """Make the student meet a `teacher_dim`-wide teacher and record the space it is aligned to.
 
-    projection: a student of another width gets a fresh linear head into teacher_dim (orthogonal init, so it
-    starts as an isometry of the student's own space); it shares the backbone with `student`.
+    projection: a student of another width gets a fresh linear head into teacher_dim; it shares the backbone
+    with `student`. With `fit=(queries, teacher_q_emb (n, D))` the head starts as the least-squares map onto
+    those targets (`hlm.projection`), else as an orthogonal isometry of the student's own space.
     truncate: the student keeps its width d ≤ teacher_dim; its targets are the teacher's first d dims,
     renormalised, and its space is `truncated_space(teacher_space, d)`.
     """
@@ -104,6 +107,8 @@ def prepare_student(student: Encoder, teacher_dim: int, width: str, *, teacher_s
         weight = torch.empty_like(student.projection.weight, dtype=torch.float32)
         student.projection.weight.data.copy_(nn.init.orthogonal_(weight))
         logger.info("student gets a projection head %d -> %d", student.backbone.config.hidden_size, teacher_dim)
+        if fit is not None:
+            fit_head(student, *fit, seed=seed)
     if student.dim > teacher_dim:
         raise ValueError(f"student width {student.dim} is wider than the teacher's {teacher_dim} (width={width})")
     if teacher_space is not None:
@@ -134,7 +139,9 @@ def train_align(student: Encoder, queries: list[str], teacher_q_emb: np.ndarray,
     # 1. build: a projection head or truncated targets when the widths differ
     if len(queries) != len(teacher_q_emb):
         raise ValueError(f"{len(queries)} queries but {len(teacher_q_emb)} teacher embeddings")
-    student = prepare_student(student, teacher_q_emb.shape[1], cfg.width, teacher_space=teacher_space)
+    targets = (queries, teacher_q_emb) if cfg.projection_init == "least_squares" else None
+    student = prepare_student(student, teacher_q_emb.shape[1], cfg.width, teacher_space=teacher_space,
+                              fit=targets, seed=cfg.seed)
     d = student.dim
     # 2. data: teacher rows are gathered per batch; a score_kl ad set sits on the device whole
     ads = None if ad_emb is None else _rows(ad_emb, np.arange(len(ad_emb)), d, student.device)  # (N, d)
