@@ -8,7 +8,8 @@ read back, verify, flip `current`) and to load it back (fetch, sha256, deseriali
 The vectors are a mixture of Gaussian clusters, normalised: uniform random unit vectors have no neighbourhood
 structure at these widths, so every ANN index looks hopeless on them, which real embeddings are not.
 
-Sized so the full run (100K and 1M × 384 and 768) stays near 12 minutes on 2 cores, one FAISS thread:
+Sized so the full run (100K and 1M × 384 and 768) fits `make bench`'s 30 minutes on 2 cores, one FAISS thread
+(506 s with an embedding job on the same cores; 239 s on a quiet box before the SQ8 and 100K × 768 HNSW rows):
 * IVF-PQ is `IVF{≈sqrt(N)}_HNSW32,PQ{d/4}x4fs`: 4-bit fast-scan codes (d/8 bytes a vector; 8-bit PQ trained ~10×
   slower here) behind an HNSW coarse quantizer (assigning 1M vectors to 1024 lists by brute force cost minutes),
   trained on 40 vectors per list (FAISS warns below 39), searched with nprobe 16;
