@@ -23,6 +23,7 @@ from hlm.cli import init_ray, job_parser, start_job
 from hlm.data import DataError
 from hlm.encoder import Encoder
 from hlm.evaluation import encoder_speed
+from hlm.pretrained import portable
 from hlm.study import StudyConfig, StudyInputs, Trial, dev_split, run_trial, teacher_quality, trials, write_study_report
 
 
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = args.out.resolve()
     cfg: StudyConfig = start_job("study", args, out, schema=StudyConfig)
+    cfg.student.model = portable(cfg.student.model)  # each trial loads it in a Tune worker's own directory
     inputs = StudyInputs(*(p.resolve() for p in (args.queries, args.teacher_queries, args.ads_emb, args.dev_queries,
                                                   args.dev_labels, args.dev_teacher_queries)))
     try:  # the teacher's side once, in the driver, before any trial competes for the cores

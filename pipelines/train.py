@@ -52,7 +52,7 @@ from hlm.distributed import mean_over_ranks
 from hlm.encoder import Encoder
 from hlm.phase_data import PhaseData, PhaseInputs, input_problem, read_phase_data
 from hlm.phase_eval import evaluate_dev
-from hlm.pretrained import WeightsError, resolve_model
+from hlm.pretrained import WeightsError, portable, resolve_model
 from hlm.pruning import num_layers, train_prune
 from hlm.space import SpaceMismatch
 from hlm.train import prepare_student, total_steps, train_align, train_refine, train_teacher
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem := input_problem(cfg.train, inputs, lambda name: "--" + name.replace("_", "-")):
         args.parser.error(problem)
     base = cfg.teacher if phase == "teacher" else cfg.student
-    init = base.model_copy(update={"model": args.init}) if args.init else base
+    init = base.model_copy(update={"model": portable(args.init or base.model)})
     try:
         resolve_model(init.model)
         data = read_phase_data(cfg.train, inputs)

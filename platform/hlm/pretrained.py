@@ -112,6 +112,12 @@ def _sentence_transformers_settings(folder: Path) -> EncoderSettings:
     return EncoderSettings(pooling=pooling, normalize=normalize, source=str(folder))
 
 
+def portable(name: str) -> str:
+    """`name` as a Ray worker can read it: a default's name as is, a local folder as an absolute path (Ray Train
+    and Tune workers run in a working directory of their own, where a relative path names nothing)."""
+    return name if name in DEFAULTS else str(Path(name).expanduser().resolve())
+
+
 def resolve_model(name: str) -> tuple[Path, EncoderSettings]:
     """(folder, settings) for a default name or a local folder; the weights' sha256 is part of the settings."""
     if name in DEFAULTS:

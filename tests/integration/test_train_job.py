@@ -43,11 +43,13 @@ def job_args(data: dict, phase: str, out: Path, *sets: str, init: Path | None = 
 
 
 def test_align_on_two_workers_writes_a_student_in_the_teacher_space_with_dev_metrics(ray_cluster, tiny_bert_dir,
-                                                                                    catalog_split, tmp_path, capsys):
-    # When the align job runs on 2 Ray Train workers
+                                                                                    catalog_split, tmp_path, capsys,
+                                                                                    monkeypatch):
+    # When the align job runs on 2 Ray Train workers, started from a folder named relative to the shell's directory
     out = tmp_path / "align"
+    monkeypatch.chdir(tiny_bert_dir.parent)
     code = main(job_args(catalog_split, "align", out, "cluster.num_workers=2", "train.max_steps=12",
-                         init=tiny_bert_dir))
+                         init=Path(tiny_bert_dir.name)))
     # Then it writes a student aligned to the teacher's space, trained over both shards
     assert code == 0
     student = Encoder.load(out / "model")

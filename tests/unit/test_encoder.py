@@ -8,6 +8,7 @@ import torch
 
 from hlm.config import ModelRef, Pooling
 from hlm.encoder import Encoder, describe_space_of, pool
+from hlm.pretrained import portable
 from hlm.tiny import tiny_encoder
 
 TEXTS = ["cordless drill 18v", "white ceiling paint", "brass lamp", "a much longer query about an oak door"]
@@ -83,6 +84,14 @@ def test_a_student_reports_the_space_it_was_aligned_to(tmp_path):
 def test_unknown_model_name_is_refused_without_touching_a_hub():
     with pytest.raises(Exception, match="never downloads"):
         Encoder.load("sentence-transformers/all-MiniLM-L6-v2")
+
+
+def test_a_model_folder_is_named_absolutely_for_ray_workers_and_a_default_by_name(tmp_path, monkeypatch):
+    # Ray Train and Tune workers run in a directory of their own: a relative folder would name nothing there
+    (tmp_path / "runs" / "align" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert portable("runs/align/model") == str(tmp_path / "runs" / "align" / "model")
+    assert portable("student-default") == "student-default"
 
 
 @pytest.mark.parametrize("projection_dim", [None, 48])
