@@ -103,6 +103,11 @@ class TrainJob(_Section):
     objective: Literal["l2", "cosine", "score_kl"] = Field("l2", description="alignment loss (align, prune)")
     contrastive: Literal["info_nce", "qwen3"] = Field("info_nce", description="contrastive loss (teacher, refine)")
     l2_weight: float = Field(0.0, ge=0, description="refine: + λ·L2 to the teacher's query embeddings")
+    hard_negatives: int = Field(3, ge=0, description="refine (and teacher, given teacher embeddings): ads mined per "
+                                "pair from the teacher's ranking as negatives; 0 = in-batch negatives only")
+    hard_negative_ranks: tuple[int, int] = Field((0, 30), description="the teacher ranks [from, to) mined from; with "
+                                                 "sparse judgements start below the top, where unjudged ads are "
+                                                 "mostly relevant")
     width: Literal["projection", "truncate"] = Field(
         "projection", description="when the student is narrower than the teacher: a linear head into the "
         "teacher's width, or the first d_student teacher dims renormalised (a truncated teacher space)")
@@ -131,6 +136,13 @@ class TrainJob(_Section):
     def _decreasing(cls, v: list[int]) -> list[int]:
         if any(n < 1 for n in v) or any(a <= b for a, b in zip(v, v[1:], strict=False)):
             raise ValueError(f"must be positive layer counts in decreasing order, got {v}")
+        return v
+
+    @field_validator("hard_negative_ranks")
+    @classmethod
+    def _rank_window(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"must be ranks [from, to) with 0 <= from < to, got {list(v)}")
         return v
 
     @model_validator(mode="after")

@@ -37,15 +37,17 @@ def positive_pairs(queries: pa.Table, labels: pa.Table, ad_ids: list[str], *, mi
 
 
 def mine_hard_negatives(pairs: Pairs, q_emb: np.ndarray, index: AdIndex, relevant: dict[str, set[int]], *,
-                        k: int = 3, depth: int = 30) -> Pairs:
-    """Add the teacher's k best-ranked non-relevant ads per pair (from its top `depth`) as hard negatives.
+                        k: int = 3, depth: int = 30, skip: int = 0) -> Pairs:
+    """Add the teacher's k best-ranked non-relevant ads per pair, from its ranks [skip, depth), as hard negatives.
 
     q_emb (n, d): the teacher's embedding of each pair's query; relevant[qid] = ad rows judged relevant.
+    `skip` > 0 leaves the teacher's top ranks alone: where few ads per query are judged, most of them are
+    relevant but unjudged, and training against them as negatives pushes the student off the teacher's best.
     """
     _, I = index.search(q_emb, min(depth, index.ntotal))  # noqa: E741 (n, depth)
     rng = np.random.default_rng(0)
     hard = np.empty((len(pairs.queries), k), dtype=np.int64)
-    for row, (qid, ranked) in enumerate(zip(pairs.query_ids, I, strict=True)):
+    for row, (qid, ranked) in enumerate(zip(pairs.query_ids, I[:, skip:], strict=True)):
         candidates = [int(i) for i in ranked if i >= 0 and int(i) not in relevant.get(qid, set())]
         while len(candidates) < k:  # a query relevant to nearly everything: fall back to random non-relevant ads
             c = int(rng.integers(index.ntotal))

@@ -132,7 +132,7 @@ def read_phase_data(job: TrainJob, inputs: PhaseInputs) -> PhaseData:
     if job.phase == "refine":
         pairs = _with_file(inputs.labels, lambda: positive_pairs(queries, labels, ads.ids))
         pair_q = teacher.rows_for(pairs.query_ids)
-        pairs = _mined(pairs, labels, pair_q, ads)
+        pairs = _mined(pairs, labels, pair_q, ads, job)
         return PhaseData(pairs.queries, pair_q, pairs.positive_ad_idx, pairs.hard_negative_idx, ad_emb=ads.emb,
                          teacher_space=teacher.space)
     # teacher: texts of the positive (and mined) ads; rows index the ad embeddings when mining, else the ads file
@@ -141,7 +141,7 @@ def read_phase_data(job: TrainJob, inputs: PhaseInputs) -> PhaseData:
     ad_ids = ads.ids if ads is not None else ad_table["ad_id"].to_pylist()
     pairs = _with_file(inputs.labels, lambda: positive_pairs(queries, labels, ad_ids))
     if ads is not None and teacher is not None:
-        pairs = _mined(pairs, labels, teacher.rows_for(pairs.query_ids), ads)
+        pairs = _mined(pairs, labels, teacher.rows_for(pairs.query_ids), ads, job)
     used = [pairs.positive_ad_idx.ravel(), *([] if pairs.hard_negative_idx is None else [pairs.hard_negative_idx])]
     if missing := {ad_ids[i] for i in np.unique(np.concatenate([u.ravel() for u in used]))} - ad_text.keys():
         raise DataError(f"{inputs.ads}: no text for {len(missing)} ad(s) used in training (e.g. {sorted(missing)[:3]})")
@@ -151,10 +151,14 @@ def read_phase_data(job: TrainJob, inputs: PhaseInputs) -> PhaseData:
                      hard_negative_texts=hard)
 
 
-def _mined(pairs: Pairs, labels: pa.Table, q_emb: np.ndarray, ads: Embeddings) -> Pairs:
+def _mined(pairs: Pairs, labels: pa.Table, q_emb: np.ndarray, ads: Embeddings, job: TrainJob) -> Pairs:
     """Hard negatives from a Flat teacher index; every ad labelled > 0 for the query is kept out of them."""
+    if job.hard_negatives == 0:
+        return pairs
     index = AdIndex.build(ads.ids, ads.emb, ads.space, "Flat")
-    return mine_hard_negatives(pairs, q_emb, index, relevant_from_labels(labels, ads.ids))
+    skip, depth = job.hard_negative_ranks
+    return mine_hard_negatives(pairs, q_emb, index, relevant_from_labels(labels, ads.ids), k=job.hard_negatives,
+                               depth=depth, skip=skip)
 
 
 def _with_file(path: Path, build: Callable[[], Pairs]) -> Pairs:

@@ -85,3 +85,22 @@ def test_shards_are_equal_disjoint_and_share_the_ad_matrix():
     assert shards[1].teacher_q_emb.ravel().tolist() == [1.0, 4.0] and all(s.ad_emb is ad_emb for s in shards)
     with pytest.raises(ValueError, match="cannot be split"):
         data.shard(0, 8)
+
+
+def test_hard_negatives_come_from_the_configured_teacher_ranks_or_not_at_all(files):
+    paths = inputs(files, queries="queries.parquet", labels="labels.parquet", teacher_queries="q_emb.parquet",
+                   ads_emb="ads_emb.parquet")
+    top = read_phase_data(TrainJob(phase="refine", hard_negatives=2, hard_negative_ranks=(0, 10)), paths)
+    deep = read_phase_data(TrainJob(phase="refine", hard_negatives=2, hard_negative_ranks=(20, 40)), paths)
+    assert top.hard_negative_idx.shape == deep.hard_negative_idx.shape == (len(top.queries), 2)
+    # the deep window never hands out an ad the teacher ranks in its top 20 for that query
+    scores = top.teacher_q_emb @ top.ad_emb.T
+    top20 = np.argsort(-scores, axis=1)[:, :20]
+    assert not any(set(row) & set(ranked) for row, ranked in zip(deep.hard_negative_idx, top20, strict=True))
+    assert any(set(row) & set(ranked) for row, ranked in zip(top.hard_negative_idx, top20, strict=True))
+    assert read_phase_data(TrainJob(phase="refine", hard_negatives=0), paths).hard_negative_idx is None
+
+
+def test_a_rank_window_that_is_empty_or_reversed_is_refused():
+    with pytest.raises(ValueError, match="from < to"):
+        TrainJob(hard_negative_ranks=(30, 10))
