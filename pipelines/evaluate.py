@@ -16,7 +16,7 @@ from pathlib import Path
 from hlm.cli import job_parser, start_job
 from hlm.data import DataError, qrels_from_labels, read_embeddings, read_labels, read_queries
 from hlm.encoder import Encoder
-from hlm.evaluation import compare, write_report
+from hlm.evaluation import compare, model_labels, write_report
 from hlm.index import AdIndex
 from hlm.space import SpaceMismatch, check_same_space
 
@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factory", default="Flat", help="FAISS index to evaluate through")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
+    try:
+        labels = model_labels(args.student)  # folders are often all called model/: name them by their parents
+    except ValueError as e:
+        parser.error(str(e))
     cfg = start_job("evaluate", args, args.out)
     try:
         ad_ids, ad_emb, space = read_embeddings(args.ads_emb)
@@ -37,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         index = AdIndex.build(ad_ids, ad_emb, space["fingerprint"], args.factory)
         teacher = Encoder.load(cfg.teacher, cfg.runtime)
         models = {"teacher": teacher}
-        for path in args.student:
+        for path, label in zip(args.student, labels, strict=True):
             student = Encoder.load(path, cfg.runtime)
             check_same_space(space["fingerprint"], student.space, f"student {path}")
-            models[f"student {Path(path).name}"] = student
+            models[f"student {label}"] = student
         check_same_space(space["fingerprint"], teacher.space, f"teacher {cfg.teacher.model}")
     except (DataError, SpaceMismatch) as e:
         print(f"error: {e}", file=sys.stderr)

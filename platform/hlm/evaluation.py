@@ -56,6 +56,17 @@ def encoder_speed(encoder: Encoder, queries: list[str], *, n_latency: int = 200,
             f"throughput_qps_b{batch}": qps}
 
 
+def model_labels(paths: list[str | Path]) -> list[str]:
+    """Distinct short names for model folders: the fewest trailing path parts (the same number for all) that tell
+    them apart (runs/align/model, runs/refine/model -> align/model, refine/model). The same folder twice is an error."""
+    parts = [Path(p).expanduser().resolve().parts for p in paths]
+    for n in range(1, max(map(len, parts), default=1) + 1):
+        labels = ["/".join(p[-n:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise ValueError(f"the same model folder is given more than once: {[str(p) for p in paths]}")
+
+
 def compare(models: dict[str, Encoder], index: AdIndex, queries: list[str], query_ids: list[str], qrels: dict,
             *, teacher: str, speed_queries: list[str] | None = None) -> list[ModelReport]:
     """One report per model; recovery and speed ratios are relative to the model named `teacher`."""

@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from hlm.data import write_embeddings
-from hlm.evaluation import compare, retrieval_quality, write_report
+from hlm.encoder import Encoder
+from hlm.evaluation import compare, model_labels, retrieval_quality, write_report
 from hlm.index import AdIndex
 from hlm.tiny import save_tiny_encoder, tiny_encoder
 from pipelines.evaluate import main
@@ -56,3 +58,25 @@ def test_evaluate_job_refuses_a_student_from_another_space(tmp_path, capsys):
     assert "does not match" in capsys.readouterr().err
     assert main(common) == 0
     assert (tmp_path / "out" / "report.md").exists()
+
+
+def test_students_in_folders_of_the_same_name_get_a_row_each(tmp_path):
+    labels = model_labels(["runs/align/model", "runs/refine/model", "runs/l3"])
+    assert labels == ["align/model", "refine/model", "runs/l3"]
+    assert model_labels(["runs/l3", "runs/l2"]) == ["l3", "l2"] and model_labels([]) == []
+    with pytest.raises(ValueError, match="more than once"):
+        model_labels(["runs/align/model", "runs/../runs/align/model"])
+    # and the job reports both students, not the last one under a shared name
+    teacher_dir = save_tiny_encoder(tmp_path / "teacher", "bert", seed=0)
+    students = [save_tiny_encoder(tmp_path / run / "model", "bert", seed=0) for run in ("align", "refine")]
+    teacher = Encoder.load(teacher_dir)
+    write_embeddings(tmp_path / "ads.parquet", [f"a{i}" for i in range(len(ADS))], teacher.encode(ADS, kind="ad"),
+                     teacher.describe_space())
+    pq.write_table(pa.table({"query_id": ["q0"], "text": ["drill"]}), tmp_path / "q.parquet")
+    pq.write_table(pa.table({"query_id": ["q0"], "ad_id": ["a0"], "label": pa.array([2.0], pa.float32())}),
+                   tmp_path / "l.parquet")
+    assert main(["--ads-emb", str(tmp_path / "ads.parquet"), "--queries", str(tmp_path / "q.parquet"), "--labels",
+                 str(tmp_path / "l.parquet"), "--set", f"teacher.model={teacher_dir}", "--out", str(tmp_path / "out"),
+                 *[a for s in students for a in ("--student", str(s))]]) == 0
+    rows = [r["name"] for r in json.loads((tmp_path / "out" / "report.json").read_text())]
+    assert rows == ["teacher", "student align/model", "student refine/model"]
