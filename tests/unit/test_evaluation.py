@@ -41,19 +41,22 @@ def test_compare_reports_recovery_and_speed_ratios_against_the_teacher(tmp_path)
     assert [r["name"] for r in json.loads(paths["json"].read_text())] == ["teacher", "student"]
 
 
-def test_evaluate_job_refuses_a_student_from_another_space(tmp_path, capsys):
+def evaluate_job_args(tmp_path) -> list[str]:
+    """A tiny teacher (seed 0), its ad embeddings, one query with one label: the evaluate job's args, less students."""
     teacher_dir = save_tiny_encoder(tmp_path / "teacher", "bert", seed=0)
-    other = save_tiny_encoder(tmp_path / "other", "bert", seed=3)
-    from hlm.encoder import Encoder
-
     teacher = Encoder.load(teacher_dir)
     write_embeddings(tmp_path / "ads.parquet", [f"a{i}" for i in range(len(ADS))], teacher.encode(ADS, kind="ad"),
                      teacher.describe_space())
     pq.write_table(pa.table({"query_id": ["q0"], "text": ["drill"]}), tmp_path / "q.parquet")
     pq.write_table(pa.table({"query_id": ["q0"], "ad_id": ["a0"], "label": pa.array([2.0], pa.float32())}),
                    tmp_path / "l.parquet")
-    common = ["--ads-emb", str(tmp_path / "ads.parquet"), "--queries", str(tmp_path / "q.parquet"), "--labels",
-              str(tmp_path / "l.parquet"), "--set", f"teacher.model={teacher_dir}", "--out", str(tmp_path / "out")]
+    return ["--ads-emb", str(tmp_path / "ads.parquet"), "--queries", str(tmp_path / "q.parquet"), "--labels",
+            str(tmp_path / "l.parquet"), "--set", f"teacher.model={teacher_dir}", "--out", str(tmp_path / "out")]
+
+
+def test_evaluate_job_refuses_a_student_from_another_space(tmp_path, capsys):
+    common = evaluate_job_args(tmp_path)
+    other = save_tiny_encoder(tmp_path / "other", "bert", seed=3)
     assert main([*common, "--student", str(other)]) == 2
     assert "does not match" in capsys.readouterr().err
     assert main(common) == 0
@@ -67,16 +70,8 @@ def test_students_in_folders_of_the_same_name_get_a_row_each(tmp_path):
     with pytest.raises(ValueError, match="more than once"):
         model_labels(["runs/align/model", "runs/../runs/align/model"])
     # and the job reports both students, not the last one under a shared name
-    teacher_dir = save_tiny_encoder(tmp_path / "teacher", "bert", seed=0)
+    common = evaluate_job_args(tmp_path)
     students = [save_tiny_encoder(tmp_path / run / "model", "bert", seed=0) for run in ("align", "refine")]
-    teacher = Encoder.load(teacher_dir)
-    write_embeddings(tmp_path / "ads.parquet", [f"a{i}" for i in range(len(ADS))], teacher.encode(ADS, kind="ad"),
-                     teacher.describe_space())
-    pq.write_table(pa.table({"query_id": ["q0"], "text": ["drill"]}), tmp_path / "q.parquet")
-    pq.write_table(pa.table({"query_id": ["q0"], "ad_id": ["a0"], "label": pa.array([2.0], pa.float32())}),
-                   tmp_path / "l.parquet")
-    assert main(["--ads-emb", str(tmp_path / "ads.parquet"), "--queries", str(tmp_path / "q.parquet"), "--labels",
-                 str(tmp_path / "l.parquet"), "--set", f"teacher.model={teacher_dir}", "--out", str(tmp_path / "out"),
-                 *[a for s in students for a in ("--student", str(s))]]) == 0
+    assert main([*common, *[a for s in students for a in ("--student", str(s))]]) == 0
     rows = [r["name"] for r in json.loads((tmp_path / "out" / "report.json").read_text())]
     assert rows == ["teacher", "student align/model", "student refine/model"]
