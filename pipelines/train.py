@@ -202,7 +202,7 @@ def parse_args(argv: list[str] | None) -> Namespace:
     data.add_argument("--teacher-queries", type=Path, help="teacher embeddings of --queries (pipelines.embed)")
     data.add_argument("--ads-emb", type=Path, help="teacher ad embeddings (refine, score_kl, hard negatives, eval)")
     data.add_argument("--labels", type=Path, help="labels of --queries (refine, teacher)")
-    data.add_argument("--ads", type=Path, help="ad texts (teacher)")
+    data.add_argument("--ads", type=Path, help="ad texts (teacher; align, prune: align on them too)")
     data.add_argument("--dev-queries", type=Path, help="held-out queries to evaluate on at the end")
     data.add_argument("--dev-labels", type=Path, help="labels of --dev-queries")
     data.add_argument("--dev-teacher-queries", type=Path, help="teacher embeddings of --dev-queries")

@@ -1,10 +1,11 @@
 """What a training phase trains on: its input files, checked against the phase, read and joined once, then sharded.
 
 Inputs per phase (anything else is refused rather than silently ignored): align and prune need `queries` and
-`teacher_queries` (`ads_emb` for score_kl); refine needs `queries labels teacher_queries ads_emb` (hard negatives
-are mined from a Flat index of the teacher ads); teacher needs `queries labels ads` (and mines hard negatives
-when `teacher_queries ads_emb` are given). `dev_queries dev_labels` evaluate the result over the teacher ad
-embeddings (`hlm.phase_eval`; `dev_teacher_queries` adds the teacher's row and recovery).
+`teacher_queries` (`ads_emb` for score_kl; `ads` with `ads_emb` aligns on the ad texts too); refine needs
+`queries labels teacher_queries ads_emb` (hard negatives are mined from a Flat index of the teacher ads); teacher
+needs `queries labels ads` (and mines hard negatives when `teacher_queries ads_emb` are given). `dev_queries
+dev_labels` evaluate the result over the teacher ad embeddings (`hlm.phase_eval`; `dev_teacher_queries` adds the
+teacher's row and recovery).
 
 The driver reads the (small) inputs into one `PhaseData`; each data-parallel rank takes `shard(rank, world)`.
 """
@@ -28,7 +29,8 @@ from hlm.space import check_same_space
 TRAIN_INPUTS = ("queries", "teacher_queries", "ads_emb", "labels", "ads")
 NEEDS = {"align": {"queries", "teacher_queries"}, "prune": {"queries", "teacher_queries"},
          "refine": {"queries", "labels", "teacher_queries", "ads_emb"}, "teacher": {"queries", "labels", "ads"}}
-MAY = {"align": {"ads_emb"}, "prune": {"ads_emb"}, "refine": set(), "teacher": {"teacher_queries", "ads_emb"}}
+MAY = {"align": {"ads_emb", "ads"}, "prune": {"ads_emb", "ads"}, "refine": set(),
+       "teacher": {"teacher_queries", "ads_emb"}}
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class PhaseInputs:
     teacher_queries: Path | None = None  # teacher embeddings of `queries` (pipelines.embed)
     ads_emb: Path | None = None  # teacher ad embeddings (refine, score_kl, hard negatives, dev evaluation)
     labels: Path | None = None  # labels of `queries` (refine, teacher)
-    ads: Path | None = None  # ad texts (teacher)
+    ads: Path | None = None  # ad texts (teacher; align and prune: more texts to align on)
     dev_queries: Path | None = None  # held-out queries to evaluate on at the end
     dev_labels: Path | None = None  # labels of dev_queries
     dev_teacher_queries: Path | None = None  # teacher embeddings of dev_queries
@@ -58,6 +60,8 @@ def input_problem(job: TrainJob, inputs: PhaseInputs, name: Callable[[str], str]
         return f"phase {phase} does not use {names(unused)}"
     if phase in ("align", "prune") and job.objective == "score_kl" and not inputs.ads_emb:
         return f"train.objective=score_kl needs {name('ads_emb')}"
+    if phase in ("align", "prune") and inputs.ads and not inputs.ads_emb:
+        return f"aligning on {name('ads')} needs {name('ads_emb')}: their teacher embeddings are the targets"
     if phase == "teacher" and bool(inputs.teacher_queries) != bool(inputs.ads_emb):
         return f"hard negatives for phase teacher need both {names({'teacher_queries', 'ads_emb'})}"
     if bool(inputs.dev_queries) != bool(inputs.dev_labels):
@@ -103,17 +107,18 @@ class Embeddings(NamedTuple):
     emb: np.ndarray  # (n, D)
     space: str  # fingerprint
     source: Path
+    query_prompt: str  # what the model put before each query (ads get none)
 
     @classmethod
     def read(cls, path: Path) -> Embeddings:
         ids, emb, meta = read_embeddings(path)
-        return cls(ids, emb, meta["fingerprint"], path)
+        return cls(ids, emb, meta["fingerprint"], path, meta.get("query_prompt") or "")
 
     def rows_for(self, wanted: list[str]) -> np.ndarray:
         """Rows for `wanted` ids, in that order: (len(wanted), D); an id without an embedding names the file."""
         row = {q: i for i, q in enumerate(self.ids)}
         if missing := [q for q in wanted if q not in row]:
-            raise DataError(f"{self.source}: no embedding for {len(missing)} of {len(wanted)} queries "
+            raise DataError(f"{self.source}: no embedding for {len(missing)} of {len(wanted)} ids "
                             f"(e.g. {missing[:3]})")
         return self.emb[[row[q] for q in wanted]]
 
@@ -125,9 +130,13 @@ def read_phase_data(job: TrainJob, inputs: PhaseInputs) -> PhaseData:
     ads = Embeddings.read(inputs.ads_emb) if inputs.ads_emb else None
     if teacher is not None and ads is not None:
         check_same_space(ads.space, teacher.space, f"teacher queries {teacher.source} vs ad embeddings {ads.source}")
-    if job.phase in ("align", "prune"):  # the ads serve score_kl only
-        return PhaseData(queries["text"].to_pylist(), teacher.rows_for(queries["query_id"].to_pylist()),
-                         ad_emb=ads.emb if job.objective == "score_kl" else None, teacher_space=teacher.space)
+    if job.phase in ("align", "prune"):
+        texts, targets = queries["text"].to_pylist(), teacher.rows_for(queries["query_id"].to_pylist())
+        if inputs.ads:
+            ad_texts, ad_targets = _ads_as_queries(inputs.ads, ads)
+            texts, targets = texts + ad_texts, np.concatenate([targets, ad_targets])
+        return PhaseData(texts, targets, ad_emb=ads.emb if job.objective == "score_kl" else None,
+                         teacher_space=teacher.space)
     labels = read_labels(inputs.labels)
     if job.phase == "refine":
         pairs = _with_file(inputs.labels, lambda: positive_pairs(queries, labels, ads.ids))
@@ -149,6 +158,19 @@ def read_phase_data(job: TrainJob, inputs: PhaseInputs) -> PhaseData:
                                                          for row in pairs.hard_negative_idx]
     return PhaseData(pairs.queries, positive_texts=[ad_text[ad_ids[i]] for i in pairs.positive_ad_idx],
                      hard_negative_texts=hard)
+
+
+def _ads_as_queries(path: Path, ads: Embeddings) -> tuple[list[str], np.ndarray]:
+    """Every ad text as one more unlabelled query to align on, aimed at its teacher ad embedding: (n,), (n, D).
+
+    The teacher is one tower, so its ad embedding is its query embedding of the same text unless queries get a
+    prompt; a prompted teacher is refused. The ad corpus is usually far bigger than the labelled queries and costs
+    no teacher compute (on Home Depot: 54,667 titles beside 7,128 train queries, see the README)."""
+    if ads.query_prompt:
+        raise DataError(f"{ads.source}: the teacher puts {ads.query_prompt!r} before queries, so its ad embeddings "
+                        f"are not its query embeddings of the ad texts; align on queries only (drop the ad texts)")
+    table = read_ads(path)
+    return table["text"].to_pylist(), ads.rows_for(table["ad_id"].to_pylist())
 
 
 def _mined(pairs: Pairs, labels: pa.Table, q_emb: np.ndarray, ads: Embeddings, job: TrainJob) -> Pairs:

@@ -64,6 +64,15 @@ def test_align_on_two_workers_writes_a_student_in_the_teacher_space_with_dev_met
     assert "trained phase align: steps 0 -> 12 on 2 worker(s)" in printed and str(out / "model") in printed
 
 
+def test_align_given_the_ad_texts_trains_on_them_as_more_queries(ray_cluster, tiny_bert_dir, catalog_split, tmp_path):
+    out = tmp_path / "align-ads"
+    ads = catalog_split["root"] / "train/ads.parquet"
+    code = main(job_args(catalog_split, "align", out, init=tiny_bert_dir, dev=False) + ["--ads", str(ads)])
+    assert code == 0
+    # one epoch at batch 8 over the 45 train queries and the 120 ad texts
+    assert json.loads((out / "metrics.json").read_text())["steps"] == (45 + 120) // 8
+
+
 def test_a_second_run_with_the_same_run_name_resumes_from_its_last_checkpoint(ray_cluster, tiny_bert_dir, catalog_split,
                                                                               tmp_path):
     # Given a run that stopped after 3 steps, with a checkpoint at step 3

@@ -6,12 +6,14 @@ ads and queries (and of the queries again under another model, for the space che
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from hlm.catalog import generate_catalog
 from hlm.config import TrainJob
-from hlm.data import write_embeddings
+from hlm.data import DataError, write_embeddings
 from hlm.importers import write_dataset
 from hlm.phase_data import PhaseData, PhaseInputs, input_problem, read_phase_data
 from hlm.space import SpaceMismatch
@@ -75,6 +77,34 @@ def test_teacher_queries_of_another_space_than_the_ads_are_refused(files):
     mixed = inputs(files, queries="queries.parquet", teacher_queries="other_q_emb.parquet", ads_emb="ads_emb.parquet")
     with pytest.raises(SpaceMismatch, match="other_q_emb.parquet"):
         read_phase_data(TrainJob(phase="align"), mixed)
+
+
+def test_align_on_ads_adds_each_ad_text_aimed_at_the_teachers_query_embedding_of_it(files):
+    paths = inputs(files, queries="queries.parquet", teacher_queries="q_emb.parquet", ads="ads.parquet",
+                   ads_emb="ads_emb.parquet")
+    data = read_phase_data(TrainJob(phase="align"), paths)
+    n_q, ad_texts = files["ds"].queries.num_rows, files["ds"].ads["text"].to_pylist()
+    assert data.queries[n_q:] == ad_texts and data.teacher_q_emb.shape == (n_q + len(ad_texts), 48)
+    teacher = tiny_encoder("bert", hidden=48, seed=1)
+    np.testing.assert_allclose(data.teacher_q_emb[n_q:n_q + 5], teacher.encode(ad_texts[:5]), atol=1e-5)
+    assert data.ad_emb is None  # l2 needs no ad matrix
+    assert input_problem(TrainJob(phase="align"), replace(paths, ads_emb=None), FLAG) == (
+        "aligning on --ads needs --ads-emb: their teacher embeddings are the targets")
+
+
+def test_aligning_on_the_ads_of_a_teacher_that_prompts_queries_is_refused(files, tmp_path):
+    ds, root = files["ds"], files["root"]
+    teacher = tiny_encoder("bert", hidden=48, seed=1)
+    teacher.settings.weights_sha256, teacher.settings.query_prompt = "seed-1", "query: "
+    write_embeddings(tmp_path / "ads_emb.parquet", ds.ads["ad_id"].to_pylist(),
+                     teacher.encode(ds.ads["text"].to_pylist(), kind="ad"), teacher.describe_space())
+    write_embeddings(tmp_path / "q_emb.parquet", ds.queries["query_id"].to_pylist(),
+                     teacher.encode(ds.queries["text"].to_pylist()), teacher.describe_space())
+    paths = PhaseInputs(queries=root / "queries.parquet", teacher_queries=tmp_path / "q_emb.parquet",
+                        ads=root / "ads.parquet", ads_emb=tmp_path / "ads_emb.parquet")
+    with pytest.raises(DataError, match="ads_emb.parquet: the teacher puts 'query: ' before queries"):
+        read_phase_data(TrainJob(phase="align"), paths)
+    assert len(read_phase_data(TrainJob(phase="align"), replace(paths, ads=None)).queries) == ds.queries.num_rows
 
 
 def test_shards_are_equal_disjoint_and_share_the_ad_matrix():
