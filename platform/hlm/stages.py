@@ -1,0 +1,111 @@
+"""Cached stages: a multi-step job whose every step writes one folder exactly once, keyed by what it read.
+
+A `Stage` names its output folder, the settings its output depends on, the input files it reads and the
+stages it builds on. Its *key* hashes those settings, the inputs' identity (path, size, mtime) and the keys of
+the stages it builds on, so a change anywhere upstream changes every key downstream of it and nowhere else.
+`run_stages` walks the stages in order:
+
+- the folder holds a `_SUCCESS.json` with the stage's key → **skipped**, nothing runs;
+- otherwise the stage **runs** into a fresh hidden staging path and that path replaces the folder in one
+  rename: a reader sees the old complete output or the new one, never a half-written one. A stage killed
+  mid-run leaves only the staging path, which the next run removes before it starts; a stage that keeps its
+  own resume state (a Ray Train run named after the key) picks up where it stopped.
+
+Stages run in the given order, which must list every stage after the stages it builds on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hlm.staging import SUCCESS, file_identity, job_key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # also the output folder, relative to the job's root
+    run: Callable[[Path, dict[str, str]], dict[str, Any]]  # (fresh output path, keys so far) -> success record
+    settings: dict[str, Any] = field(default_factory=dict)  # JSON-able: what the output depends on
+    inputs: tuple[Path, ...] = ()  # files read (not produced by a stage)
+    after: tuple[str, ...] = ()  # stages whose outputs it reads
+
+    def key(self, upstream: dict[str, str]) -> str:
+        missing = [s for s in self.after if s not in upstream]
+        if missing:
+            raise ValueError(f"stage {self.name} runs after {missing}, which come later or not at all")
+        return job_key({"stage": self.name, "settings": self.settings, "inputs": file_identity(list(self.inputs)),
+                        "after": {s: upstream[s] for s in self.after}})
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # "skipped" (already done) | "ran"
+    seconds: float
+    folder: Path
+    key: str
+    record: dict[str, Any]
+
+
+def done_record(folder: Path, key: str) -> dict[str, Any] | None:
+    """The success record when `folder` holds the output of exactly this key, else None."""
+    marker = folder / SUCCESS
+    if not marker.exists():
+        return None
+    record = json.loads(marker.read_text())
+    return record if record.get("job_key") == key else None
+
+
+def run_stages(stages: Sequence[Stage], root: Path) -> list[StageResult]:
+    """Run what is not done yet, in order; returns one result per stage (the stage table)."""
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names must be unique: {names}")
+    keys: dict[str, str] = {}
+    results = []
+    for stage in stages:
+        key = keys[stage.name] = stage.key(keys)
+        folder = root / stage.name
+        if (record := done_record(folder, key)) is not None:
+            logger.info("stage %s: done already (%s)", stage.name, folder)
+            results.append(StageResult(stage.name, "skipped", 0.0, folder, key, record))
+            continue
+        logger.info("stage %s: running (key %s)", stage.name, key)
+        started = time.perf_counter()
+        staging = folder.with_name(f".{folder.name}.staging")
+        shutil.rmtree(staging, ignore_errors=True)  # the leftovers of a killed run
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        record = {**stage.run(staging, dict(keys)), "job_key": key, "seconds": round(time.perf_counter() - started, 1)}
+        staging.mkdir(exist_ok=True)
+        (staging / SUCCESS).write_text(json.dumps(record, indent=2, default=str))
+        _replace(staging, folder)
+        results.append(StageResult(stage.name, "ran", record["seconds"], folder, key, record))
+    return results
+
+
+def _replace(new: Path, folder: Path) -> None:
+    """Put `new` at `folder` by renames only: the old output stays whole until the new one is in place."""
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def stage_table(results: Sequence[StageResult]) -> str:
+    """The table a job prints: stage, what happened, how long, where it wrote."""
+    width = max([len(r.name) for r in results] + [5])
+    lines = [f"{'stage':<{width}}  {'status':<7}  {'seconds':>8}  output"]
+    lines += [f"{r.name:<{width}}  {r.status:<7}  {r.seconds:>8.1f}  {r.folder}" for r in results]
+    return "\n".join(lines)
