@@ -16,7 +16,7 @@ from pathlib import Path
 from hlm.cli import job_parser, start_job
 from hlm.data import DataError, qrels_from_labels, read_embeddings, read_labels, read_queries
 from hlm.encoder import Encoder
-from hlm.evaluation import compare, model_labels, write_report
+from hlm.evaluation import Candidate, compare, model_labels, write_report
 from hlm.index import AdIndex
 from hlm.space import SpaceMismatch, check_same_space
 
@@ -40,16 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         queries, qrels = read_queries(args.queries), qrels_from_labels(read_labels(args.labels))
         index = AdIndex.build(ad_ids, ad_emb, space["fingerprint"], args.factory)
         teacher = Encoder.load(cfg.teacher, cfg.runtime)
-        models = {"teacher": teacher}
+        candidates = [Candidate("teacher", teacher, index, "teacher")]
         for path, label in zip(args.student, labels, strict=True):
             student = Encoder.load(path, cfg.runtime)
             check_same_space(space["fingerprint"], student.space, f"student {path}")
-            models[f"student {label}"] = student
+            candidates.append(Candidate(f"student {label}", student, index, "students"))
         check_same_space(space["fingerprint"], teacher.space, f"teacher {cfg.teacher.model}")
     except (DataError, SpaceMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    reports = compare(models, index, queries["text"].to_pylist(), queries["query_id"].to_pylist(), qrels,
+    reports = compare(candidates, queries["text"].to_pylist(), queries["query_id"].to_pylist(), qrels,
                       teacher="teacher")
     paths = write_report(reports, args.out)
     print(paths["md"].read_text())

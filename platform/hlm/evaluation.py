@@ -1,7 +1,8 @@
 """Teacher vs students, side by side: retrieval quality over the full ad index and query-encoder speed.
 
-Quality: every model's dev queries are searched in the teacher's ad index (FAISS) and scored with
-`hlm.metrics`; recovery is each metric over the teacher's. Speed: latency at batch 1 (p50/p99 over
+Quality: every model's dev queries are searched in its ad index (FAISS; the teacher's for a student, its own
+re-embedded one for a baseline dual encoder) and scored with `hlm.metrics`; recovery is each metric over the
+teacher's. Speed: latency at batch 1 (p50/p99 over
 real query strings) and throughput at batch 64, measured for every model in the same run on the same
 cores, so ratios are fair even where absolute numbers are not comparable across machines.
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from hlm.encoder import Encoder
 from hlm.index import AdIndex
-from hlm.metrics import PRIMARY_METRIC, evaluate, recovery_table, run_from_search
+from hlm.metrics import evaluate, recovery_table, run_from_search
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,19 @@ class ModelReport:
     quality: dict[str, float]
     speed: dict[str, float]
     recovery: dict[str, float] = field(default_factory=dict)
+    family: str = ""  # rows of one family form one curve of the quality-vs-latency plot
+    index: str = "teacher"  # which ad index the row searched: "teacher" or "own"
+
+
+@dataclass
+class Candidate:
+    """One row of a comparison: a query encoder and the ad index it searches."""
+
+    name: str
+    encoder: Encoder
+    index: AdIndex
+    family: str = ""
+    own_index: bool = False  # True for a dual encoder searched in its own re-embedded ads
 
 
 def retrieval_quality(index: AdIndex, q_emb: np.ndarray, query_ids: list[str], qrels: dict, *,
@@ -67,15 +81,16 @@ def model_labels(paths: list[str | Path]) -> list[str]:
     raise ValueError(f"the same model folder is given more than once: {[str(p) for p in paths]}")
 
 
-def compare(models: dict[str, Encoder], index: AdIndex, queries: list[str], query_ids: list[str], qrels: dict,
-            *, teacher: str, speed_queries: list[str] | None = None) -> list[ModelReport]:
-    """One report per model; recovery and speed ratios are relative to the model named `teacher`."""
+def compare(candidates: list[Candidate], queries: list[str], query_ids: list[str], qrels: dict, *, teacher: str,
+            speed_queries: list[str] | None = None) -> list[ModelReport]:
+    """One report per candidate; recovery and speed ratios are relative to the candidate named `teacher`."""
     reports = []
-    for name, encoder in models.items():
-        logger.info("evaluating %s", name)
-        quality = retrieval_quality(index, encoder.encode(queries), query_ids, qrels)
-        speed = encoder_speed(encoder, speed_queries or queries)
-        reports.append(ModelReport(name, sum(p.numel() for p in encoder.parameters()), quality, speed))
+    for c in candidates:
+        logger.info("evaluating %s", c.name)
+        quality = retrieval_quality(c.index, c.encoder.encode(queries), query_ids, qrels)
+        speed = encoder_speed(c.encoder, speed_queries or queries)
+        reports.append(ModelReport(c.name, sum(p.numel() for p in c.encoder.parameters()), quality, speed,
+                                   family=c.family, index="own" if c.own_index else "teacher"))
     base = next(r for r in reports if r.name == teacher)
     for r in reports:
         r.recovery = recovery_table(r.quality, base.quality)
@@ -85,7 +100,7 @@ def compare(models: dict[str, Encoder], index: AdIndex, queries: list[str], quer
 
 
 def write_report(reports: list[ModelReport], out: Path, *, title: str = "Teacher vs students") -> dict[str, Path]:
-    """report.json, report.md (a table) and quality_vs_latency.png (one point per model)."""
+    """report.json, report.md (a table) and quality_vs_latency.png (R@100 vs p50, one curve per family)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,23 +108,30 @@ def write_report(reports: list[ModelReport], out: Path, *, title: str = "Teacher
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps([asdict(r) for r in reports], indent=2))
-    head = ("| model | params (M) | P@100 | R@100 | nDCG@10 | MRR@10 | recovery P@100 | p50 ms (b=1) | p99 ms | "
-            "q/s (b=64) | latency × | throughput × |")
-    lines = [f"# {title}", "", head, "|" + "---|" * 12]
+    head = ("| model | index | params (M) | P@100 | R@100 | nDCG@10 | MRR@10 | recovery P@100 | recovery R@100 | "
+            "p50 ms (b=1) | p99 ms | q/s (b=64) | latency × | throughput × |")
+    lines = [f"# {title}", "", head, "|" + "---|" * 14]
     for r in reports:
         q, s = r.quality, r.speed
         qps = next(v for k, v in s.items() if k.startswith("throughput_qps"))
-        lines.append(f"| {r.name} | {r.params / 1e6:.1f} | {q['P@100']:.4f} | {q['R@100']:.4f} | {q['nDCG@10']:.4f} | "
-                     f"{q['MRR@10']:.4f} | {r.recovery.get(PRIMARY_METRIC, float('nan')):.1%} | "
-                     f"{s['latency_p50_ms']:.1f} | {s['latency_p99_ms']:.1f} | {qps:.0f} | "
-                     f"{s['latency_speedup']:.1f} | {s['throughput_speedup']:.1f} |")
+        lines.append(f"| {r.name} | {r.index} | {r.params / 1e6:.1f} | {q['P@100']:.4f} | {q['R@100']:.4f} | "
+                     f"{q['nDCG@10']:.4f} | {q['MRR@10']:.4f} | {r.recovery.get('P@100', float('nan')):.1%} | "
+                     f"{r.recovery.get('R@100', float('nan')):.1%} | {s['latency_p50_ms']:.1f} | "
+                     f"{s['latency_p99_ms']:.1f} | {qps:.0f} | {s['latency_speedup']:.1f} | "
+                     f"{s['throughput_speedup']:.1f} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families: dict[str, list[ModelReport]] = {}
     for r in reports:
-        ax.scatter(r.speed["latency_p50_ms"], r.quality[PRIMARY_METRIC])
-        ax.annotate(r.name, (r.speed["latency_p50_ms"], r.quality[PRIMARY_METRIC]), fontsize=8)
+        families.setdefault(r.family or r.name, []).append(r)
+    for family, rows in families.items():  # one curve per family, fastest first
+        rows = sorted(rows, key=lambda r: r.speed["latency_p50_ms"])
+        ax.plot([r.speed["latency_p50_ms"] for r in rows], [r.quality["R@100"] for r in rows], "o-", label=family)
+        for r in rows:
+            ax.annotate(r.name, (r.speed["latency_p50_ms"], r.quality["R@100"]), fontsize=7)
+    ax.legend(fontsize=7)
     ax.set_xlabel("query-encoder latency p50 at batch 1 (ms)")
-    ax.set_ylabel(PRIMARY_METRIC)
+    ax.set_ylabel("R@100")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(out / "quality_vs_latency.png", dpi=120)

@@ -11,7 +11,7 @@ import pytest
 
 from hlm.data import write_embeddings
 from hlm.encoder import Encoder
-from hlm.evaluation import compare, model_labels, retrieval_quality, write_report
+from hlm.evaluation import Candidate, compare, model_labels, retrieval_quality, write_report
 from hlm.index import AdIndex
 from hlm.tiny import save_tiny_encoder, tiny_encoder
 from pipelines.evaluate import main
@@ -31,13 +31,19 @@ def test_compare_reports_recovery_and_speed_ratios_against_the_teacher(tmp_path)
     teacher = tiny_encoder("bert", seed=0)
     index = AdIndex.build([f"a{i}" for i in range(len(ADS))], teacher.encode(ADS, kind="ad"), teacher.space)
     qrels = {f"q{i}": {f"a{i}": 2.0} for i in range(3)}
-    reports = compare({"teacher": teacher, "student": tiny_encoder("bert", seed=1, layers=1)}, index, QUERIES,
-                      ["q0", "q1", "q2"], qrels, teacher="teacher")
+    student = tiny_encoder("bert", seed=1, layers=1)
+    own = AdIndex.build([f"a{i}" for i in range(len(ADS))], student.encode(ADS, kind="ad"), student.space)
+    reports = compare([Candidate("teacher", teacher, index, "teacher"), Candidate("student", student, own, "dual",
+                                                                                 own_index=True)],
+                      QUERIES, ["q0", "q1", "q2"], qrels, teacher="teacher")
     by_name = {r.name: r for r in reports}
     assert by_name["teacher"].recovery["P@100"] == 1.0 and by_name["teacher"].speed["latency_speedup"] == 1.0
     assert by_name["student"].params < by_name["teacher"].params
+    # a row searched in its own index is scored there: its P@100 is its own retrieval, not the teacher's
+    assert by_name["student"].index == "own" and by_name["teacher"].index == "teacher"
+    assert by_name["student"].quality == retrieval_quality(own, student.encode(QUERIES), ["q0", "q1", "q2"], qrels)
     paths = write_report(reports, tmp_path)
-    assert "| student |" in paths["md"].read_text() and paths["plot"].stat().st_size > 0
+    assert "| student | own |" in paths["md"].read_text() and paths["plot"].stat().st_size > 0
     assert [r["name"] for r in json.loads(paths["json"].read_text())] == ["teacher", "student"]
 
 
