@@ -252,6 +252,14 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _unshared(node: Any) -> Any:
+    """A copy in which no two keys share a mapping: YAML aliases (`refine: *fast`) load as one object, and an
+    override of one of them would otherwise change all of them."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    return [_unshared(v) for v in node] if isinstance(node, list) else node
+
+
 def _section_defaults(schema: type[BaseModel]) -> dict[str, Any]:
     """Sections whose default is an instance (`student: ModelRef = ModelRef(model=...)`) as dicts.
 
@@ -272,6 +280,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: cannot read config ({e})") from e
         if not isinstance(user, dict):
             raise ConfigError(f"{path}: a config file must be a mapping, got {type(user).__name__}")
+        user = _unshared(user)
     for item in overrides or []:
         keys, value = parse_override(item)
         node = user

@@ -185,3 +185,10 @@ def test_saved_config_loads_back_equal(tmp_path: Path, profile: str) -> None:
     assert saved.is_file()
     assert again == cfg
     assert isinstance(again, Config)
+
+
+def test_an_override_of_one_yaml_alias_leaves_the_others_alone(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("student: &m {model: student-default}\nteacher: *m\n")
+    cfg = load_config(path, ["student.max_length=16"])
+    assert cfg.student.max_length == 16 and cfg.teacher.max_length is None
