@@ -213,41 +213,38 @@ def parse_args(argv: list[str] | None) -> Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    # 1. load: config, inputs (checked before anything is written)
-    args = parse_args(argv)
-    out = args.out.resolve()
-    cfg = start_job("train", args)
-    phase = cfg.train.phase
-    inputs = PhaseInputs(**{f.name: getattr(args, f.name) for f in fields(PhaseInputs)})
-    if problem := input_problem(cfg.train, inputs, lambda name: "--" + name.replace("_", "-")):
-        args.parser.error(problem)
-    base = cfg.teacher if phase == "teacher" else cfg.student
-    init = base.model_copy(update={"model": portable(args.init or base.model)})
-    try:
-        resolve_model(init.model)
-        data = read_phase_data(cfg.train, inputs)
-        for path in (inputs.dev_queries, inputs.dev_labels, inputs.dev_teacher_queries):  # fail now, not later
-            if path is not None and not path.exists():
-                raise DataError(f"{path}: no such file")
-    except (DataError, SpaceMismatch, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+class TrainingFailed(RuntimeError):
+    """The Ray Train run failed (after its retries) or reported no checkpoint."""
+
+
+def read_inputs(cfg: Config, init: ModelRef, inputs: PhaseInputs) -> PhaseData:
+    """Check and read everything the phase needs before anything is written; raises DataError, SpaceMismatch or
+    WeightsError naming the file or model."""
+    resolve_model(init.model)
+    data = read_phase_data(cfg.train, inputs)
+    for path in (inputs.dev_queries, inputs.dev_labels, inputs.dev_teacher_queries):  # fail now, not later
+        if path is not None and not path.exists():
+            raise DataError(f"{path}: no such file")
+    return data
+
+
+def train_phase(cfg: Config, init: ModelRef, inputs: PhaseInputs, out: Path, run_name: str) -> dict[str, Any]:
+    """Train `cfg.train.phase` from `init` on Ray Train (the run `run_name` resumes if it exists); write OUT/model,
+    OUT/prune/layers-N (prune) and OUT/metrics.json (with the dev evaluation when asked); return that record."""
+    # 1. load: inputs, checked before anything is written
+    data = read_inputs(cfg, init, inputs)
     cfg.save(out / "train.config.yaml")
     # 2. train the phase on Ray Train
-    run_name = args.run_name or f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     init_ray(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1)  # + a slot for the trainer's coordinator
     started = time.perf_counter()
     try:
         result = run_train(cfg, init, data, run_name)
     except ray.train.TrainingFailedError as e:
-        print(f"error: training run {run_name} failed: {e}", file=sys.stderr)
-        return 1
+        raise TrainingFailed(f"training run {run_name} failed: {e}") from e
     if result.checkpoint is None:
-        print(f"error: training run {run_name} reported no checkpoint", file=sys.stderr)
-        return 1
+        raise TrainingFailed(f"training run {run_name} reported no checkpoint")
     # 3. write: the model, the prune stages, metrics (with dev evaluation)
-    seconds, m = time.perf_counter() - started, result.metrics or {}
+    seconds, m, phase = time.perf_counter() - started, result.metrics or {}, cfg.train.phase
     model = _copy_model(result.checkpoint, out / "model")
     record: dict[str, Any] = {
         "phase": phase, "run_name": run_name, "run_path": result.path, "model": str(model),
@@ -262,6 +259,27 @@ def main(argv: list[str] | None = None) -> int:
     if inputs.dev_queries:
         record |= evaluate_dev(model, phase, inputs, cfg.train.eval_k, cfg.runtime)
     (out / "metrics.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.out.resolve()
+    cfg = start_job("train", args)
+    inputs = PhaseInputs(**{f.name: getattr(args, f.name) for f in fields(PhaseInputs)})
+    if problem := input_problem(cfg.train, inputs, lambda name: "--" + name.replace("_", "-")):
+        args.parser.error(problem)
+    base = cfg.teacher if cfg.train.phase == "teacher" else cfg.student
+    init = base.model_copy(update={"model": portable(args.init or base.model)})
+    run_name = args.run_name or f"{cfg.train.phase}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    try:
+        record = train_phase(cfg, init, inputs, out, run_name)
+    except (DataError, SpaceMismatch, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(summary(record, out))
     return 0
 

@@ -1,0 +1,116 @@
+"""The recipe job on a real local Ray with tiny models: a full run, a rerun that skips every stage, a changed align
+setting that reruns only align and what follows, and a run killed mid-stage that resumes its Ray Train run.
+
+Fixture: the built-in catalogue split (45 train / 15 dev queries, 120 ads), the tiny 48-d teacher and the session's
+tiny 2-layer 32-d student; depths [2, 1], a few steps per phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hlm.encoder import Encoder
+from hlm.stages import SUCCESS
+from pipelines.recipe import main
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]  # the module fixture runs 16 stages
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ["teacher", "ads", "queries", "dev-queries", "init-L1", "align", "prune", "refine-L2", "refine-L1",
+          "direct-L2", "direct-L2-ads", "paper-L2", "direct-L1", "direct-L1-ads", "paper-L1", "evaluate"]
+
+
+def recipe_config(folder: Path, split: dict, student: Path, **recipe) -> Path:
+    root = split["root"]
+    fast = {"max_steps": 4, "batch_size": 8, "lr": 3e-3, "log_every": 1}
+    cfg = {"teacher": {"model": str(split["teacher"])}, "student": {"model": str(student)},
+           "embed": {"batch_size": 16}, "train": {"hard_negatives": 2, "hard_negative_ranks": [2, 20]},
+           "recipe": {"data": {"train": str(root / "train"), "dev": str(root / "dev")}, "out": str(folder / "out"),
+                      "depths": [2, 1], "teacher": {**fast, "hard_negatives": 0}, "align": fast,
+                      "prune": {**fast, "steps_per_prune": 3}, "refine": fast, "direct_baseline": fast,
+                      "paper_baseline": fast, **recipe}}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def statuses(printed: str) -> dict[str, str]:
+    """The stage table's status column, by stage."""
+    rows = [line.split() for line in printed.splitlines() if line.split()[:1] and line.split()[0] in STAGES]
+    return {row[0]: row[1] for row in rows if len(row) >= 2 and row[1] in ("ran", "skipped")}
+
+
+@pytest.fixture(scope="module")
+def finished(ray_cluster, catalog_split, tiny_bert_dir, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("recipe")
+    config = recipe_config(folder, catalog_split, tiny_bert_dir)
+    return {"config": config, "out": folder / "out", "code": main(["--config", str(config)])}
+
+
+def test_a_full_run_writes_every_stage_and_a_report_with_every_family(finished, catalog_split, capsys):
+    assert finished["code"] == 0
+    out = finished["out"]
+    assert all((out / stage / SUCCESS).exists() for stage in STAGES)
+    # the students are in the fine-tuned teacher's space, at the depths asked for
+    teacher = Encoder.load(out / "teacher" / "model")
+    assert teacher.space != catalog_split["space"]  # phase 1 changed the weights, hence the space
+    for depth in (2, 1):
+        student = Encoder.load(out / f"refine-L{depth}" / "model")
+        assert student.space == teacher.space and student.backbone.config.num_hidden_layers == depth
+    report = {r["name"]: r for r in json.loads((out / "evaluate" / "report.json").read_text())}
+    assert list(report) == ["teacher (fine-tuned)", "direct dual encoder L2", "paper baseline L2", "HLM L2",
+                            "HLM L2 int8", "direct dual encoder L1", "paper baseline L1", "HLM L1", "HLM L1 int8"]
+    assert report["direct dual encoder L1"]["index"] == "own" and report["HLM L1"]["index"] == "teacher"
+    assert report["teacher (fine-tuned)"]["recovery"]["R@100"] == 1.0
+    assert all(r["speed"]["latency_p50_ms"] > 0 and 0 <= r["quality"]["R@100"] <= 1 for r in report.values())
+    assert (out / "evaluate" / "quality_vs_latency.png").stat().st_size > 0
+
+
+def test_a_rerun_skips_every_stage_and_changes_nothing(finished, capsys):
+    before = {p: p.stat().st_mtime_ns for p in finished["out"].rglob("model.safetensors")}
+    capsys.readouterr()
+    assert main(["--config", str(finished["config"])]) == 0
+    assert set(statuses(capsys.readouterr().out).values()) == {"skipped"}
+    assert {p: p.stat().st_mtime_ns for p in finished["out"].rglob("model.safetensors")} == before
+
+
+def test_a_changed_align_setting_reruns_only_align_and_what_follows(finished, capsys):
+    capsys.readouterr()
+    assert main(["--config", str(finished["config"]), "--set", "recipe.align.lr=1e-3"]) == 0
+    status = statuses(capsys.readouterr().out)
+    ran = {stage for stage, s in status.items() if s == "ran"}
+    assert ran == {"align", "prune", "refine-L2", "refine-L1", "evaluate"}
+    assert status["teacher"] == status["direct-L1"] == status["paper-L1"] == "skipped"
+
+
+def test_a_run_killed_mid_stage_resumes_from_its_last_checkpoint(ray_cluster, catalog_split, tiny_bert_dir, tmp_path):
+    # Given a recipe without baselines whose align stage checkpoints every 2 of its 60 steps
+    align = {"max_steps": 60, "batch_size": 8, "lr": 3e-3, "checkpoint_every": 2}
+    config = recipe_config(tmp_path, catalog_split, tiny_bert_dir, depths=[2], teacher=None, align=align,
+                           direct_baseline=None, paper_baseline=None, int8=False)
+    cmd = [sys.executable, "-m", "pipelines.recipe", "--config", str(config)]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
+    # When the job is killed once align has reported a checkpoint
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    results, deadline = tmp_path / "out" / "ray_results", time.monotonic() + 300
+    while not list(results.glob("align-*/checkpoint_*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out" / "align").exists()
+    # Then the rerun skips the finished stages and resumes align past step 0 instead of starting over
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    status = statuses(done.stdout)
+    assert status["ads"] == status["queries"] == "skipped" and status["align"] == "ran"
+    metrics = json.loads((tmp_path / "out" / "align" / "metrics.json").read_text())
+    assert metrics["start_step"] > 0 and metrics["steps"] == 60
