@@ -66,9 +66,3 @@ def relevant_from_labels(labels: pa.Table, ad_ids: list[str]) -> dict[str, set[i
             relevant.setdefault(q, set()).add(row_of[a])
     return relevant
 
-
-def relevant_rows(pairs: Pairs) -> dict[str, set[int]]:
-    out: dict[str, set[int]] = {}
-    for q, a in zip(pairs.query_ids, pairs.positive_ad_idx.tolist(), strict=True):
-        out.setdefault(q, set()).add(a)
-    return out
