@@ -142,8 +142,12 @@ class Api:
 
     @api.post("/v1/search", response_model=SearchResponse)
     async def search(self, req: SearchRequest) -> Response:
-        try:
-            hits, version = await self.batcher.submit(req)
+        answer = self.batcher.submit(req)
+        try:  # split: bounded from arrival, so a wait behind a batch stuck on the encoder tier counts too
+            hits, version = await (answer if self.remote_encoder is None
+                                   else asyncio.wait_for(answer, self.downstream_timeout_s))
+        except TimeoutError as e:
+            raise _unavailable(f"no encoder replica answered within {self.downstream_timeout_s:g}s, retry") from e
         except StoreError as e:  # nothing loaded yet: the service is not ready, the request was fine
             raise _unavailable(str(e)) from e
         model_version = (await self._model_info())["model_version"]
