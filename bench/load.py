@@ -87,7 +87,7 @@ def run(out_dir: Path, *, quick: bool = False) -> dict:
     versions = [AdIndex.build([f"g{g}-{a}" for a in ads.column("ad_id").to_pylist()], ad_emb, encoder.space, "Flat")
                 for g in range(len(STEPS))]
     del encoder
-    with tempfile.TemporaryDirectory() as tmp, local_redis(Path(tmp) / "redis") as redis_url:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp, local_redis(Path(tmp) / "redis") as redis_url:
         store = IndexStore(redis_client(redis_url), "bench-load")
         published = [store.publish(versions[0], source="bench.load")]
         cores, client_cores = split_cores()

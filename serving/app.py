@@ -74,6 +74,10 @@ def _unavailable(detail: str) -> HTTPException:
     return HTTPException(status_code=503, headers={"Retry-After": "1"}, detail=detail)
 
 
+def _encoder_timed_out(timeout_s: float) -> HTTPException:
+    return _unavailable(f"no encoder replica answered within {timeout_s:g}s, retry")
+
+
 @serve.deployment
 class QueryEncoder:
     """The split topology's encoder tier: one call carries a whole batch of texts from an `Api` replica."""
@@ -123,7 +127,7 @@ class Api:
             raise _unavailable(f"an encoder replica died while serving this request, retry "
                                f"({type(e).__name__})") from e
         except TimeoutError as e:
-            raise _unavailable(f"no encoder replica answered within {self.downstream_timeout_s:g}s, retry") from e
+            raise _encoder_timed_out(self.downstream_timeout_s) from e
 
     async def _search_batch(self, queries: list[SearchRequest]) -> list[tuple[list, str]]:
         """One forward pass (B, d) and one search of one index snapshot for the batch, in one worker thread when
@@ -147,7 +151,7 @@ class Api:
             hits, version = await (answer if self.remote_encoder is None
                                    else asyncio.wait_for(answer, self.downstream_timeout_s))
         except TimeoutError as e:
-            raise _unavailable(f"no encoder replica answered within {self.downstream_timeout_s:g}s, retry") from e
+            raise _encoder_timed_out(self.downstream_timeout_s) from e
         except StoreError as e:  # nothing loaded yet: the service is not ready, the request was fine
             raise _unavailable(str(e)) from e
         model_version = (await self._model_info())["model_version"]
