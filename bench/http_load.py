@@ -64,6 +64,13 @@ def serve_on_local_ray(num_cpus: int = 4, cores: set[int] | None = None) -> Iter
         ray.shutdown()
 
 
+def serve_mode() -> str:
+    """Which Serve data path this process's Ray runs: what `make bench` sets (the cluster's, infra/kuberay) or the
+    default Python proxy. Ray reads these variables when it starts, so a benchmark records them, never sets them."""
+    flags = [v for v in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY") if os.environ.get(v) == "1"]
+    return "+".join(flags) or "default proxy"
+
+
 def deploy(name: str, route_prefix: str, args: dict) -> None:
     """`serving.app:build_app(args)` as the Serve application `name`; returns once every replica is up."""
     from ray import serve

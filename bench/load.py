@@ -27,6 +27,7 @@ from bench.http_load import (
     drive,
     latency_ms,
     on_cores,
+    serve_mode,
     serve_on_local_ray,
     split_cores,
 )
@@ -116,7 +117,8 @@ def run(out_dir: Path, *, quick: bool = False) -> dict:
     config = {"model": MODEL, "n_ads": n_ads, "factory": "Flat", "app_args": APP_ARGS, "steps": list(STEPS),
               "requests_per_step": n_requests, "max_seconds_per_step": max_seconds,
               "swap_at": "halfway through each step after the first", "queries": query_source, "quick": quick,
-              "ray_cores": sorted(cores) if cores else None, "client_cores": sorted(client_cores) if cores else None}
+              "serve_mode": serve_mode(), "ray_cores": sorted(cores) if cores else None,
+              "client_cores": sorted(client_cores) if cores else None}
     path = write_result(out_dir, "load", config, numbers)
     logger.info("load benchmark: %s -> %s", numbers, path)
     return numbers

@@ -27,7 +27,7 @@ import numpy as np
 import requests
 
 from bench.common import interleaved_timings, local_redis, ms_percentiles, realistic_queries, threads, write_result
-from bench.http_load import auth_headers, client, deploy, drive, on_cores, serve_on_local_ray, split_cores
+from bench.http_load import auth_headers, client, deploy, drive, on_cores, serve_mode, serve_on_local_ray, split_cores
 from hlm.catalog import generate_catalog
 from hlm.encoder import Encoder
 from hlm.index import AdIndex
@@ -131,7 +131,7 @@ def run(out_dir: Path, *, quick: bool = False) -> dict:
               "concurrency": concurrencies, "requests_per_step": n_requests, "max_seconds_per_step": max_seconds,
               "direct_vs_serve_pairs": n_direct, "direct_threads": 1, "batched_direct": f"{n_batches} x {BATCH}",
               "ray_cores": sorted(cores) if cores else None, "client_cores": sorted(client_cores) if cores else None,
-              "queries": query_source, "quick": quick}
+              "queries": query_source, "quick": quick, "serve_mode": serve_mode()}
     path = write_result(out_dir, "serving", config, numbers)
     logger.info("serving benchmark: %s -> %s", numbers, path)
     return numbers
