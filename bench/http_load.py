@@ -53,6 +53,9 @@ def serve_on_local_ray(num_cpus: int = 4, cores: set[int] | None = None) -> Iter
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # replicas inherit it: nothing is fetched at run time
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray runs its workers at nice 15 by default; the in-process reference runs at this process's nice 0. On a box
+    # shared with other jobs that alone makes Serve look slower, so the replicas get the reference's priority.
+    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
     port = free_port()
     with on_cores(cores):
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
