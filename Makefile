@@ -32,8 +32,11 @@ redis-server:
 demo: $(VENV)/.weights redis-server
 	$(PY) -m pipelines.demo --out runs/demo
 
+# Serve's data path as the cluster runs it (infra/kuberay/rayservice.yaml): HAProxy ingress, throughput-optimised mode.
+SERVE_FAST := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1
+
 bench: $(VENV)/.weights redis-server
-	$(PY) -m bench.run --out bench/results
+	$(SERVE_FAST) $(PY) -m bench.run --out bench/results
 
 # The tests start their own redis-server on a free loopback port and one local Ray for the session.
 # Scenarios marked `slow` (long load, replica restarts) run in `make reliability` only.
@@ -43,7 +46,7 @@ test: $(VENV)/.weights redis-server
 # Every fault, load and bad-input scenario of docs/reliability.md, a table of them, then the load benchmark.
 reliability: $(VENV)/.weights redis-server
 	HLM_FUZZ_EXAMPLES=$${HLM_FUZZ_EXAMPLES:-200} $(PY) -m pytest tests -m reliability
-	$(PY) -m bench.run --only load --out bench/results
+	$(SERVE_FAST) $(PY) -m bench.run --only load --out bench/results
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest tests -m "not integration"

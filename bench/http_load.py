@@ -26,21 +26,52 @@ from hlm.api import API_KEY_ENV
 # ---------------------------------------------------------------------------------------------- services
 
 @contextmanager
-def serve_on_local_ray(num_cpus: int = 4) -> Iterator[str]:
-    """A fresh local Ray with Serve's HTTP proxy on a free loopback port; yields the base URL."""
+def on_cores(cores: set[int] | None) -> Iterator[None]:
+    """This process (and what it starts meanwhile) runs on `cores` inside the block; None leaves it alone."""
+    before = os.sched_getaffinity(0)
+    if cores:
+        os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def split_cores() -> tuple[set[int] | None, set[int] | None]:
+    """(cores for Ray's processes and the in-process reference, cores for the load generator): the last core for
+    the client, so it never takes the replicas' CPU; (None, None) on a one-core machine."""
+    cores = sorted(os.sched_getaffinity(0))
+    return (set(cores[:-1]), {cores[-1]}) if len(cores) > 1 else (None, None)
+
+
+@contextmanager
+def serve_on_local_ray(num_cpus: int = 4, cores: set[int] | None = None) -> Iterator[str]:
+    """A fresh local Ray with Serve's HTTP proxy on a free loopback port; yields the base URL. With `cores`, every
+    Ray process (GCS, raylet, controller, proxy, replicas) is pinned to them: they inherit the affinity at start."""
     import ray
     from ray import serve
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # replicas inherit it: nothing is fetched at run time
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray runs its workers at nice 15 by default; the in-process reference runs at this process's nice 0. On a box
+    # shared with other jobs that alone makes Serve look slower, so the replicas get the reference's priority.
+    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
     port = free_port()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    try:
+    with on_cores(cores):
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def serve_mode() -> str:
+    """Which Serve data path this process's Ray runs: what `make bench` sets (the cluster's, infra/kuberay) or the
+    default Python proxy. Ray reads these variables when it starts, so a benchmark records them, never sets them."""
+    flags = [v for v in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY") if os.environ.get(v) == "1"]
+    return "+".join(flags) or "default proxy"
 
 
 def deploy(name: str, route_prefix: str, args: dict) -> None:

@@ -4,10 +4,14 @@ Reports, per step and overall: requests, errors by status, p50/p99 latency and Q
 whether any response mixed versions. Every version holds the same ad vectors under ids prefixed with its
 generation (`g2-ad-000123`), so a response is mixed when its ads' prefixes are not all the generation of the
 `index_version` it names. Version g0 is published before the load; g1, g2, g3 halfway through steps 2, 3, 4.
+The load generator runs on a core of its own, away from Ray's (`bench.http_load.split_cores`).
+
+    python -m bench.load --out bench/results   # exits 1 on any error or mixed-version response (`problems`)
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import tempfile
@@ -22,9 +26,13 @@ from bench.http_load import (
     deploy,
     drive,
     latency_ms,
+    on_cores,
+    serve_mode,
     serve_on_local_ray,
+    split_cores,
 )
 from hlm.catalog import generate_catalog
+from hlm.cli import setup_logging
 from hlm.encoder import Encoder
 from hlm.index import AdIndex
 from hlm.store import IndexStore, redis_client
@@ -33,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 MODEL = "student-default"
 STEPS = (1, 8, 32, 64)
-APP_ARGS = {"min_replicas": 1, "max_replicas": 1, "max_batch_size": 32, "batch_wait_timeout_s": 0.005, "poll_s": 1.0}
+APP_ARGS = {"min_replicas": 1, "max_replicas": 1, "max_batch_size": 32, "poll_s": 1.0}
 
 
 def generation(ad_id: str) -> str:
@@ -80,13 +88,15 @@ def run(out_dir: Path, *, quick: bool = False) -> dict:
     versions = [AdIndex.build([f"g{g}-{a}" for a in ads.column("ad_id").to_pylist()], ad_emb, encoder.space, "Flat")
                 for g in range(len(STEPS))]
     del encoder
-    with tempfile.TemporaryDirectory() as tmp, local_redis(Path(tmp) / "redis") as redis_url:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp, local_redis(Path(tmp) / "redis") as redis_url:
         store = IndexStore(redis_client(redis_url), "bench-load")
         published = [store.publish(versions[0], source="bench.load")]
-        with serve_on_local_ray(num_cpus=4) as base_url:
+        cores, client_cores = split_cores()
+        with serve_on_local_ray(num_cpus=4, cores=cores) as base_url:
             deploy("load", "/", {**APP_ARGS, "student": {"model": MODEL}, "index": store.name, "redis_url": redis_url})
-            steps, swapped = asyncio.run(load_with_swaps(f"{base_url}/v1/search", queries, store, versions,
-                                                         n_requests, max_seconds))
+            with on_cores(client_cores):
+                steps, swapped = asyncio.run(load_with_swaps(f"{base_url}/v1/search", queries, store, versions,
+                                                             n_requests, max_seconds))
     published += swapped
     generation_of = {v: f"g{g}" for g, v in enumerate(published)}
     numbers: dict = {}
@@ -106,7 +116,40 @@ def run(out_dir: Path, *, quick: bool = False) -> dict:
                 "any_mixed": mixed > 0, "wall_s": round(time.perf_counter() - started, 1)}
     config = {"model": MODEL, "n_ads": n_ads, "factory": "Flat", "app_args": APP_ARGS, "steps": list(STEPS),
               "requests_per_step": n_requests, "max_seconds_per_step": max_seconds,
-              "swap_at": "halfway through each step after the first", "queries": query_source, "quick": quick}
+              "swap_at": "halfway through each step after the first", "queries": query_source, "quick": quick,
+              "serve_mode": serve_mode(), "ray_cores": sorted(cores) if cores else None,
+              "client_cores": sorted(client_cores) if cores else None}
     path = write_result(out_dir, "load", config, numbers)
     logger.info("load benchmark: %s -> %s", numbers, path)
     return numbers
+
+
+def problems(numbers: dict) -> list[str]:
+    """Why this run must fail `make bench` (empty when it passed): errors, mixed or unknown versions, a swap
+    that was never served."""
+    found = []
+    if numbers["errors"]:
+        found.append(f"{numbers['errors']} failed requests: {numbers['errors_by_status']}")
+    if numbers["any_mixed"]:
+        found.append(f"{numbers['mixed_responses']} responses mixed index versions")
+    if numbers["unknown_versions_seen"]:
+        found.append(f"responses named unpublished versions {numbers['unknown_versions_seen']}")
+    if not numbers["all_versions_seen"]:
+        found.append("a published version was never served")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CI smoke run")
+    args = parser.parse_args(argv)
+    setup_logging()
+    found = problems(run(args.out, quick=args.quick))
+    for problem in found:
+        logger.error("load benchmark failed: %s", problem)
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

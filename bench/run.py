@@ -3,7 +3,8 @@
     python -m bench.run --out bench/results [--quick] [--only encoder --only faiss_scale] [--threads 1]
 
 A benchmark is a module in `bench/` with `run(out_dir: Path, *, quick: bool) -> dict` that writes
-`<out_dir>/<name>.json` through `bench.common.write_result`, and optionally `plot(record, out_dir) -> list[Path]`.
+`<out_dir>/<name>.json` through `bench.common.write_result`, and optionally `plot(record, out_dir) -> list[Path]`
+and `problems(numbers) -> list[str]` (non-empty: the run exits 1 after writing everything, e.g. load's errors).
 Add one by importing it and naming it in BENCHMARKS. The summary is rebuilt from every JSON in the folder, so a
 run with `--only` keeps the other benchmarks' last results in it.
 
@@ -81,13 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch and FAISS threads (default 1, as a replica)")
     args = parser.parse_args(argv)
     setup_logging()
+    failed = []
     with threads(args.threads):
         for name in args.only or BENCHMARKS:
             started = time.perf_counter()
             numbers = BENCHMARKS[name].run(args.out, quick=args.quick)
             print(f"{name} ({time.perf_counter() - started:.0f}s): {json.dumps(numbers)}")
+            check = getattr(BENCHMARKS[name], "problems", None)
+            failed += [f"{name}: {p}" for p in (check(numbers) if check else [])]
     print(f"wrote {summary(args.out)}")
-    return 0
+    for problem in failed:
+        print(f"FAILED {problem}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

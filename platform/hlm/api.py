@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -43,6 +44,14 @@ class SearchResponse(BaseModel):
     ads: list[ScoredAd]
     index_version: str
     model_version: str
+
+
+def search_response_json(hits: list[tuple[str, float]], index_version: str, model_version: str) -> bytes:
+    """The body of a 200 from ``/v1/search``, serialised once: the route returns these bytes as they are, with no
+    second pass through ``SearchResponse`` (tests pin that the two agree)."""
+    return json.dumps({"ads": [{"ad_id": ad_id, "score": float(score)} for ad_id, score in hits],
+                       "index_version": index_version, "model_version": model_version},
+                      separators=(",", ":")).encode()
 
 
 class EmbedRequest(BaseModel):
@@ -95,3 +104,34 @@ def api_key_problem(expected: str, authorization: str | None, x_api_key: str | N
         return MISSING_KEY
     matches = [_same_secret(p, expected) for p in presented]  # check every one: no early exit to time
     return None if any(matches) else INVALID_KEY
+
+
+Scope = MutableMapping[str, object]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
+
+
+class ApiKeyMiddleware:
+    """Pure ASGI: a 401 before the body is read when the app has a key (``app.state.api_key``) and the route needs it.
+
+    Not Starlette's ``BaseHTTPMiddleware``, which wraps every request and response in extra tasks and streams.
+    The key is read per request from the app's state because a Serve replica sets it in its constructor, after
+    the middleware stack was declared at import time."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive, send) -> None:
+        app_state = getattr(scope.get("app"), "state", None)
+        expected = getattr(app_state, "api_key", None)
+        if scope["type"] == "http" and expected and needs_api_key(scope["method"], scope["path"],
+                                                                   scope.get("root_path", "")):
+            headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+            problem = api_key_problem(expected, headers.get("authorization"), headers.get("x-api-key"))
+            if problem:
+                body = json.dumps({"detail": problem}).encode()
+                await send({"type": "http.response.start", "status": 401, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)

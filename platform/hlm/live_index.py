@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,12 +52,26 @@ class LiveIndex:
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------------------------------ requests
-    def search(self, q_emb: np.ndarray, k: int) -> tuple[list[list[tuple[str, float]]], str]:
-        """(ranked (ad_id, score) lists, the version they came from)."""
+    def search(self, q_emb: np.ndarray, k: int | Sequence[int]) -> tuple[list[list[tuple[str, float]]], str]:
+        """(per row of ``q_emb (B, d)``, its top ``k`` (one k, or one per row) as (ad_id, score) best first; the
+        version they all came from). The whole batch reads one snapshot, so a swap never splits it.
+
+        One FAISS search per distinct k, not one at the largest k cut per row: an approximate index (HNSW's
+        efSearch = max(efSearch, k)) may rank a prefix differently at a larger k, and a batched request must
+        get what it would get alone."""
         snap = self.snapshot
         if snap is None:
             raise StoreError(f"index {self.store.name}: no version loaded yet")
-        return snap.index.search_ids(q_emb, min(k, snap.index.ntotal)), snap.version
+        ks = [k] * len(q_emb) if isinstance(k, int | np.integer) else list(k)
+        if len(ks) != len(q_emb):
+            raise ValueError(f"{len(ks)} values of k for {len(q_emb)} queries")
+        hits: list[list[tuple[str, float]]] = [[] for _ in ks]
+        for k_value in dict.fromkeys(ks):
+            rows = [i for i, k_row in enumerate(ks) if k_row == k_value]
+            found = snap.index.search_ids(q_emb[rows], min(k_value, snap.index.ntotal))  # (b, d) -> b lists
+            for i, row_hits in zip(rows, found, strict=True):
+                hits[i] = row_hits
+        return hits, snap.version
 
     def status(self) -> dict:
         snap = self.snapshot

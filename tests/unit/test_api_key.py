@@ -84,3 +84,45 @@ def test_building_the_app_never_logs_or_shows_the_key(tiny_bert_dir, caplog, mon
     assert "API key: required" in caplog.text and "overrides args.api_key" in caplog.text
     assert KEY not in caplog.text and "key-from-args" not in caplog.text
     assert "key-from-args" not in repr(AppArgs.model_validate({"api_key": "key-from-args"}))
+
+
+# ---------------------------------------------------------------------------------------------- the ASGI check
+
+def call_through_middleware(key: str | None, method: str, path: str, headers: dict[str, str]) -> tuple[int, dict]:
+    """(status, JSON body) of one request through ApiKeyMiddleware in front of an app that answers 200."""
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    async def downstream(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        raise AssertionError("the body must not be read before the key is checked")
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": "",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+             "app": SimpleNamespace(state=SimpleNamespace(api_key=key))}
+    asyncio.run(api.ApiKeyMiddleware(downstream)(scope, receive, send))
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+@pytest.mark.parametrize("key, method, path, headers, status", [
+    (KEY, "POST", "/v1/search", {}, 401),
+    (KEY, "POST", "/v1/search", {"X-API-Key": "nope"}, 401),
+    (KEY, "POST", "/v1/search", {"Authorization": f"Bearer {KEY}"}, 200),
+    (KEY, "POST", "/v1/embed", {"X-API-Key": KEY}, 200),
+    (KEY, "GET", "/v1/healthz", {}, 200),  # open for load balancers
+    (None, "POST", "/v1/search", {}, 200),  # an app without a key is open
+])
+def test_the_asgi_check_answers_401_before_the_app_or_passes_the_request_on(key, method, path, headers, status):
+    got, body = call_through_middleware(key, method, path, headers)
+    assert got == status
+    if status == 401:
+        assert body["detail"] in (MISSING_KEY, INVALID_KEY) and "nope" not in body["detail"]

@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 from bench.http_load import Sample, client, drive, latency_ms
-from bench.load import is_mixed
+from bench.load import is_mixed, problems
 
 
 async def with_server(handler, body):
@@ -88,3 +88,19 @@ def test_latency_percentiles_in_milliseconds():
 def test_a_response_is_mixed_unless_all_its_ads_are_of_the_version_it_names(ads, version, mixed):
     body = {"ads": [{"ad_id": a, "score": 1.0} for a in ads], "index_version": version}
     assert is_mixed(body, {"v0": "g0", "v1": "g1"}) is mixed
+
+
+CLEAN = {"errors": 0, "errors_by_status": {}, "any_mixed": False, "mixed_responses": 0, "unknown_versions_seen": [],
+         "all_versions_seen": True}
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"errors": 2, "errors_by_status": {"503": 2}}, "2 failed requests"),
+    ({"any_mixed": True, "mixed_responses": 1}, "1 responses mixed index versions"),
+    ({"unknown_versions_seen": ["v-x"]}, "unpublished versions"),
+    ({"all_versions_seen": False}, "never served"),
+])
+def test_the_load_benchmark_fails_on_an_error_or_a_mixed_or_missing_version(change, reason):
+    assert problems(CLEAN) == []
+    found = problems({**CLEAN, **change})
+    assert len(found) == 1 and reason in found[0]

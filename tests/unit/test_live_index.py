@@ -120,3 +120,26 @@ def test_the_poll_loop_survives_an_unexpected_error(live: LiveIndex, monkeypatch
     live._poll_loop()  # returns once stopped
     assert len(calls) == 2 and "KeyError" in live.status()["last_error"]
     assert served_version(live) == "v1"
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16"])
+def test_a_batch_with_a_k_per_row_gets_what_each_row_gets_alone_from_one_version(store: IndexStore, factory: str):
+    # Given a live index and queries asking for different k
+    x = np.random.default_rng(3).standard_normal((N, D_MODEL)).astype(np.float32)  # (N, d)
+    store.publish(AdIndex.build([f"ad-{i}" for i in range(N)], x / np.linalg.norm(x, axis=1, keepdims=True),
+                                "space-a", factory), version="v1")
+    live = LiveIndex(store, "space-a")
+    live.refresh()
+    q_emb = np.random.default_rng(4).standard_normal((6, D_MODEL)).astype(np.float32)  # (B, d)
+    ks = [3, 10, 3, 1, 10, 500]
+    # When the batch is searched at once
+    hits, version = live.search(q_emb, ks)
+    # Then every row equals the row searched alone (the slow reference), all from the one version
+    alone = [live.search(q_emb[i:i + 1], k) for i, k in enumerate(ks)]
+    assert hits == [h[0] for h, _ in alone] and {v for _, v in alone} == {version} == {"v1"}
+    assert [len(h) for h in hits[:5]] == [3, 10, 3, 1, 10] and len(hits[5]) <= N  # HNSW may not fill k = N
+
+
+def test_a_batch_with_a_k_count_that_does_not_match_its_rows_is_an_error(live: LiveIndex):
+    with pytest.raises(ValueError, match="2 values of k for 3 queries"):
+        live.search(np.ones((3, D_MODEL), dtype=np.float32), [1, 2])
