@@ -1,7 +1,7 @@
 """Embed ads or queries with an encoder on Ray Data: read → validate → encode in an actor pool → write.
 
     python -m pipelines.embed --model teacher-default --input DATA/ads.parquet --kind ads --out EMB/ads
-    ray job submit --working-dir . -- python -m pipelines.embed --model … --input … --kind ads --out …
+    ray job submit --runtime-env runtime_env.yaml -- python -m pipelines.embed --model … --input … --kind ads --out …
 
 The output folder appears only when complete (exactly once): a rerun after a crash starts cleanly,
 and a rerun of the same input and model into a finished folder does nothing and says so. Rows that

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,19 +113,38 @@ def test_killed_job_leaves_no_output_and_the_rerun_is_exactly_once(ray_cluster, 
     assert len(ids) == len(set(ids)) == 200
 
 
-def test_embed_job_runs_under_ray_job_submit(ray_cluster, tiny_bert_dir, tmp_path):
+def checkout_with_a_later_hlm_change(tmp_path: Path) -> tuple[Path, Path]:
+    """(a copy of this checkout, a marks folder): the copy's hlm was changed after the cluster started, so that
+    every process importing it (the job's driver, each Ray worker) leaves a file in marks/ naming its hlm."""
+    root, marks = tmp_path / "checkout", tmp_path / "marks"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for folder in ("pipelines", "platform"):
+        shutil.copytree(REPO / folder, root / folder, ignore=ignore)
+    shutil.copy(REPO / "runtime_env.yaml", root)
+    marks.mkdir()
+    with open(root / "platform" / "hlm" / "__init__.py", "a") as f:
+        f.write(f"\nimport os as _os\n\nopen(_os.path.join({str(marks)!r}, str(_os.getpid())), 'w').write(__file__)\n")
+    return root, marks
+
+
+def test_embed_job_under_ray_job_submit_runs_the_submitted_hlm(ray_cluster, tiny_bert_dir, tmp_path):
     write_ads(tmp_path / "ads.parquet", n=30)
+    checkout, marks = checkout_with_a_later_hlm_change(tmp_path)
     ray_bin, job_id = str(Path(sys.executable).parent / "ray"), f"embed-{tmp_path.name}"
-    cmd = [ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(REPO),
+    cmd = [ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--runtime-env", "runtime_env.yaml",
            "--submission-id", job_id, "--", *_embed_cmd(tiny_bert_dir, tmp_path / "ads.parquet", tmp_path / "out")]
     for _ in range(12):  # the dashboard's job agent registers a while after ray.init on a loaded machine
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, timeout=300)
         if "No available agent to submit job" not in done.stdout + done.stderr:
             break
         time.sleep(10)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "embedded 30 ads" in done.stdout
     assert json.loads((tmp_path / "out" / SUCCESS).read_text())["rows_written"] == 30
+    # and the driver and the encoder actors imported the submitted hlm (shipped as py_modules), not the installed one
+    used = {p.name: p.read_text() for p in marks.iterdir()}
+    assert len(used) >= 2, used  # the driver and at least one Ray Data actor
+    assert not [f for f in used.values() if Path(f).resolve().is_relative_to(REPO)], used
     # and the cluster reports the job's status and keeps its logs
     from ray.job_submission import JobStatus, JobSubmissionClient
 
