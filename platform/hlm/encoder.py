@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from hlm.config import ModelRef, Pooling, Precision, Runtime
-from hlm.precision import quantize_int8, resolve_precision, weight_dtype
+from hlm.precision import ONNX, quantize_int8, resolve_precision, weight_dtype
 from hlm.space import Space
 from hlm.st_format import load_dense, read_st_folder, write_st_folder
 
@@ -219,6 +219,10 @@ class Encoder(nn.Module):
                 encoder.projection.bias.data.copy_(bias.to(device=device, dtype=dtype))
         logger.info("loaded encoder %s (%s, dim %d, space %s) on %s/%s",
                     folder, settings.pooling.value, encoder.dim, encoder.space, device, precision.value)
+        if precision in ONNX:
+            from hlm.onnx_runtime import OnnxEncoder
+
+            return OnnxEncoder.from_folder(encoder.eval(), folder, precision).eval()
         return encoder.eval()
 
 
