@@ -200,7 +200,8 @@ class Encoder(nn.Module):
         """Load a saved encoder, a plain HF folder, or `teacher-default`/`student-default` (never a hub).
 
         The precision is `ref.precision`, else the runtime's dtype; a precision the device cannot run
-        (int8 on GPU, fp16 on CPU) raises `hlm.precision.PrecisionError` before the weights are loaded.
+        (int8 or onnx on GPU, fp16 on CPU) raises `hlm.precision.PrecisionError` before the weights are loaded.
+        Precision onnx / onnx_int8 returns an `hlm.onnx_runtime.OnnxEncoder` over the folder's exported graph.
         """
         ref = _as_ref(ref)
         folder, settings = _resolve(ref)
