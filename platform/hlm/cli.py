@@ -18,11 +18,18 @@ logger = logging.getLogger("hlm")
 
 
 def job_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(prog=command_name(), description=description)
     parser.add_argument("--config", type=Path, help="YAML config (typed; see hlm/config.py)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, e.g. --set embed.batch_size=128 (repeatable)")
     return parser
+
+
+def command_name() -> str | None:
+    """`python -m pipelines.<job>` when a job runs as a module, so `--help` shows the command to type (argparse
+    alone would say `embed.py`); None (argparse's default) otherwise."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return f"python -m {spec.name}" if spec is not None and spec.name.startswith("pipelines.") else None
 
 
 def setup_logging(level: int = logging.INFO) -> None:
