@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hlm.cli import setup_logging
+from hlm.cli import command_notes, setup_logging
 from hlm.config import ModelRef, Precision
 from hlm.encoder import Encoder
 from hlm.onnx_runtime import export_onnx
@@ -29,7 +29,7 @@ PROBES = ["cordless drill 18v", "white ceiling paint", "brass floor lamp with a 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.export_onnx", description=__doc__.splitlines()[0],
-                                     epilog="example: python -m pipelines.export_onnx --model runs/refine/model")
+                                     epilog=command_notes(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="encoder folder, or a default name with --out")
     parser.add_argument("--out", type=Path, help="save the model here with its ONNX graphs (default: --model)")
     args = parser.parse_args(argv)

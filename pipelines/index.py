@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from hlm.cli import setup_logging
+from hlm.cli import command_notes, setup_logging
 from hlm.store import IndexStore, StoreError, redis_client
 
 
@@ -26,8 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--index", required=True, help="index name: keys hlm:{index}:*")
     common.add_argument("--redis-url", help="default: $HLM_REDIS_URL, else redis://127.0.0.1:6379/0")
     parser = argparse.ArgumentParser(prog="python -m pipelines.index", description=__doc__.splitlines()[0],
-                                     epilog="example: python -m pipelines.index export --index ads --out export/ads",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=command_notes(), formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", parents=[common], help="every published version, newest first; * marks current")
     show = commands.add_parser("show", parents=[common], help="one version's manifest as JSON")
