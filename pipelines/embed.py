@@ -1,18 +1,21 @@
 """Embed ads or queries with an encoder on Ray Data: read → validate → encode in an actor pool → write.
 
     python -m pipelines.embed --model teacher-default --input DATA/ads.parquet --kind ads --out EMB/ads
-    ray job submit --working-dir . -- python -m pipelines.embed --model … --input … --kind ads --out …
+    python -m pipelines.embed --model teacher-default --input s3://BUCKET/ads/ --kind ads --out /mnt/hlm/emb/ads
+    ray job submit --runtime-env runtime_env.yaml -- python -m pipelines.embed --model … --input … --kind ads --out …
 
-The output folder appears only when complete (exactly once): a rerun after a crash starts cleanly,
-and a rerun of the same input and model into a finished folder does nothing and says so. Rows that
-fail validation go to `OUT/rejected/rejected.parquet` with file, row and reason.
+The input is a Parquet file or folder, local or an object-store URI (read through pyarrow.fs), streamed by
+`ray.data.read_parquet`: the driver reads only the files' footers. The output folder appears only when complete
+(exactly once): a rerun after a crash starts cleanly, and a rerun of the same input and model into a finished folder
+does nothing and says so. It holds only embeddings (`pandas.read_parquet(OUT)` reads them); rows that fail
+validation go beside it, to `OUT.rejected/`, with file, row and reason.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,9 +26,9 @@ import ray
 from hlm.cli import init_ray, job_parser, start_job
 from hlm.config import Config, ModelRef
 from hlm.data import DataError, embedding_schema, space_metadata
-from hlm.embedding import EmbedBatch, InputKind, validate_inputs
+from hlm.embedding import EmbedBatch, InputFiles, InputKind, ValidateRows, input_files
 from hlm.encoder import describe_space_of
-from hlm.staging import OutputExists, StagedOutput, file_identity, job_key
+from hlm.staging import OutputExists, StagedOutput, job_key
 
 logger = logging.getLogger("pipelines.embed")
 
@@ -33,57 +36,89 @@ logger = logging.getLogger("pipelines.embed")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = job_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", help="encoder folder or teacher-default/student-default (default: config teacher)")
-    parser.add_argument("--input", required=True, type=Path, help="Parquet file or folder (ads or queries contract)")
+    parser.add_argument("--input", required=True,
+                        help="Parquet file or folder (ads or queries contract), local or a URI such as s3://…")
     parser.add_argument("--kind", required=True, choices=["ads", "queries"])
     parser.add_argument("--out", required=True, type=Path, help="output folder (created when the job completes)")
     return parser.parse_args(argv)
 
 
-def run_embed(cfg: Config, model: ModelRef, input_path: Path, kind: InputKind, out: Path) -> dict:
+def rejected_folder(out: Path) -> Path:
+    """Where the rows that failed validation go: beside the output, so the output holds only embeddings."""
+    return out.with_name(f"{out.name}.rejected")
+
+
+def run_embed(cfg: Config, model: ModelRef, input_path: str | Path, kind: InputKind, out: Path) -> dict:
     """The job; returns the success record (also written to OUT/_SUCCESS.json)."""
     started = time.perf_counter()
     space = describe_space_of(model)  # part of the job key; read from settings, so the driver needs no GPU
-    inputs = validate_inputs(input_path, kind)
-    staged = StagedOutput(out, job_key({"inputs": file_identity(inputs.files), "space": space, "kind": kind}))
+    inputs = input_files(input_path, kind)
+    staged = StagedOutput(out, job_key({"inputs": _identity(inputs), "space": space, "kind": kind}))
     if (done := staged.finished()) is not None:
         print(f"nothing to do: {out} already holds this job's output ({done['rows_written']} rows)")
         return done
     staging = staged.begin()
+    rejected = StagedOutput(rejected_folder(out), staged.key)
+    rejected_staging = rejected.begin()
+    shutil.rmtree(rejected.final, ignore_errors=True)  # a crashed run's: `out` itself is not there yet
 
-    actors = _fit_actor_pool(cfg.embed.num_actors, cfg.embed.num_cpus, cfg.embed.num_gpus)
-    # blocks of ~8 encoder batches: enough to keep every actor busy, small enough that progress moves
-    blocks = max(actors * 4, math.ceil(inputs.rows.num_rows / (cfg.embed.batch_size * 8)))
-    ds = ray.data.from_arrow(inputs.rows).repartition(blocks)
-    ds = ds.map_batches(
-        EmbedBatch,
-        fn_constructor_kwargs={"model": model.model_dump(), "kind": kind, "batch_size": cfg.embed.batch_size,
-                               "runtime": cfg.runtime.model_dump()},
-        batch_size=cfg.embed.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cfg.embed.num_cpus,
-        num_gpus=cfg.embed.num_gpus,
-        udf_modifying_row_count=False,
-    )
-    schema = embedding_schema(space["dim"]).with_metadata(space_metadata(space))
-    ds.write_parquet(str(staging), schema=schema, max_rows_per_file=cfg.embed.rows_per_file, mode="overwrite")
+    context = ray.data.DataContext.get_current()
+    preserve_order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
+    try:  # in order, so that ValidateRows numbers each file's rows
+        ds = ray.data.read_parquet(inputs.paths, filesystem=inputs.filesystem, include_paths=True)
+        ds = ds.map_batches(ValidateRows, fn_constructor_kwargs={"kind": kind, "rejected_dir": str(rejected_staging)},
+                            batch_size=cfg.embed.batch_size * 8, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
+        # blocks of ~8 encoder batches: enough to keep every actor busy, small enough that progress moves
+        ds = ds.repartition(target_num_rows_per_block=cfg.embed.batch_size * 8)
+        ds = ds.map_batches(
+            EmbedBatch,
+            fn_constructor_kwargs={"model": model.model_dump(), "kind": kind, "batch_size": cfg.embed.batch_size,
+                                   "runtime": cfg.runtime.model_dump()},
+            batch_size=cfg.embed.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=_fit_actor_pool(cfg.embed.num_actors, cfg.embed.num_cpus,
+                                                                    cfg.embed.num_gpus)),
+            num_cpus=cfg.embed.num_cpus,
+            num_gpus=cfg.embed.num_gpus,
+            udf_modifying_row_count=False,
+        )
+        schema = embedding_schema(space["dim"]).with_metadata(space_metadata(space))
+        ds.write_parquet(str(staging), schema=schema, max_rows_per_file=cfg.embed.rows_per_file, mode="overwrite")
+    finally:
+        context.execution_options.preserve_order = preserve_order
 
-    if inputs.rejected.num_rows:
-        (staging / "rejected").mkdir()
-        pq.write_table(inputs.rejected, staging / "rejected" / "rejected.parquet")
+    n_rejected = sum(pq.read_metadata(f).num_rows for f in rejected_staging.glob("*.parquet"))
+    rejected_deleted = _rejected_marked_deleted(rejected_staging) if inputs.deleted else 0
+    expected = inputs.rows - n_rejected - (inputs.deleted - rejected_deleted)
     written = sum(pq.read_metadata(f).num_rows for f in staging.glob("*.parquet"))
-    if written != inputs.rows.num_rows:  # never publish a short or doubled folder
-        raise RuntimeError(f"wrote {written} rows but {inputs.rows.num_rows} were valid; {staging} left for inspection")
+    if written != expected:  # never publish a short or doubled folder
+        raise RuntimeError(f"wrote {written} rows but {expected} were valid; {staging} left for inspection")
     seconds = time.perf_counter() - started
-    record = {"rows_written": written, "rows_rejected": inputs.rejected.num_rows, "seconds": round(seconds, 2),
-              "rows_per_s": round(written / seconds, 1), "space": space, "kind": kind,
-              "inputs": [str(f) for f in inputs.files]}
+    record = {"rows_written": written, "rows_rejected": n_rejected, "seconds": round(seconds, 2),
+              "rows_per_s": round(written / seconds, 1), "space": space, "kind": kind, "inputs": inputs.paths}
+    if n_rejected:  # first, so a complete `out` never lacks its rejected rows
+        rejected.commit({**record, "rejected": True})
+    else:
+        shutil.rmtree(rejected_staging)
     staged.commit(record)
-    print(f"embedded {written} {kind} ({inputs.rejected.num_rows} rejected) in {seconds:.1f}s "
+    print(f"embedded {written} {kind} ({n_rejected} rejected) in {seconds:.1f}s "
           f"= {written / seconds:.1f} rows/s; space {space['fingerprint']}, dim {space['dim']}; wrote {out}")
-    if inputs.rejected.num_rows:
-        print(f"rejected rows and reasons: {out / 'rejected' / 'rejected.parquet'}")
+    if n_rejected:
+        print(f"rejected rows with file, row and reason: {rejected.final}")
     return record
+
+
+def _identity(inputs: InputFiles) -> list[tuple[str, int | None, int | None]]:
+    """(path, size, mtime_ns) of each input: a changed input file makes a new job key."""
+    return [(info.path, info.size, info.mtime_ns) for info in inputs.filesystem.get_file_info(inputs.paths)]
+
+
+def _rejected_marked_deleted(folder: Path) -> int:
+    """Rejected rows that were also marked deleted: `input_files` counted them among the deleted rows."""
+    tables = [pq.read_table(f) for f in folder.glob("*.parquet")]
+    return sum(int(t.column("deleted").fill_null(False).to_numpy(zero_copy_only=False).sum())
+               for t in tables if "deleted" in t.column_names)
 
 
 def _fit_actor_pool(actors: int, cpus: float, gpus: float) -> int:

@@ -10,19 +10,22 @@ still pass its own); the recall gate searches with them.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from hlm.cli import job_parser, setup_logging
+from hlm.cli import command_name, command_notes, setup_logging
 from hlm.data import DataError, read_embeddings
 from hlm.index import AdIndex
 from hlm.store import IndexStore, StoreError, redis_client
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = job_parser(__doc__.splitlines()[0])
+    # no --config/--set: nothing here is a config field, and a flag that is accepted and ignored misleads
+    parser = argparse.ArgumentParser(prog=command_name(), description=__doc__.splitlines()[0],
+                                     epilog=command_notes(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--embeddings", required=True, type=Path, help="embeddings Parquet file or folder (ads)")
     parser.add_argument("--index", required=True, help="index name: keys hlm:{index}:*")
     parser.add_argument("--factory", default="Flat", help="FAISS index_factory string, e.g. Flat, HNSW32, IVF256,PQ32")

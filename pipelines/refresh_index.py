@@ -1,7 +1,7 @@
 """The nightly index refresh: embed new and changed ads (Ray Data), reuse the rest, build FAISS, gate, publish.
 
     python -m pipelines.refresh_index --config configs/refresh.yaml [--set refresh.index=ads …]
-    ray job submit --working-dir . -- python -m pipelines.refresh_index --config configs/refresh.yaml
+    ray job submit --runtime-env runtime_env.yaml -- python -m pipelines.refresh_index --config configs/refresh.yaml
 
 Exit status: 0 published, or nothing changed (nothing published); 1 the gate refused (nothing published);
 2 bad config or data, or Redis unreachable. Every run writes `refresh.work_dir/<run>/run.json`.

@@ -18,11 +18,29 @@ logger = logging.getLogger("hlm")
 
 
 def job_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(prog=command_name(), description=description, epilog=command_notes(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML config (typed; see hlm/config.py)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, e.g. --set embed.batch_size=128 (repeatable)")
     return parser
+
+
+def _job_module() -> str | None:
+    """`pipelines.<job>` when a job runs as `python -m pipelines.<job>`, else None."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return spec.name if spec is not None and spec.name.startswith("pipelines.") else None
+
+
+def command_name() -> str | None:
+    """`python -m pipelines.<job>` for `--help` (argparse alone would say `embed.py`); None (its default) otherwise."""
+    return f"python -m {module}" if (module := _job_module()) else None
+
+
+def command_notes() -> str | None:
+    """The job module's docstring after its first line (examples, what it writes), shown at the end of `--help`."""
+    doc = sys.modules["__main__"].__doc__ if _job_module() else None
+    return doc.split("\n", 1)[1].strip("\n") if doc and "\n" in doc else None
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -37,6 +37,8 @@ class Precision(StrEnum):
     bf16 = "bf16"  # CPU or GPU
     fp16 = "fp16"  # GPU only
     int8 = "int8"  # CPU only: torch dynamic quantisation of every nn.Linear
+    onnx = "onnx"  # CPU: the exported fp32 graph on ONNX Runtime (`python -m pipelines.export_onnx`)
+    onnx_int8 = "onnx_int8"  # CPU: the exported graph quantised to int8 by ONNX Runtime
 
 
 class _Section(BaseModel):

@@ -112,24 +112,28 @@ def _first_uncastable_row(col: pa.ChunkedArray, type_: pa.DataType) -> int | Non
     return None
 
 
-def find_problems(table: pa.Table, contract: Contract) -> list[Problem]:
-    """Every row-level problem: nulls in required fields, empty text or id, duplicate ids, non-finite labels."""
+def find_problems(table: pa.Table, contract: Contract, first_row: int = 0) -> list[Problem]:
+    """Every row-level problem: nulls in required fields, empty text or id, duplicate ids, non-finite labels.
+
+    Rows are numbered from `first_row`: the position in its file of a slice's first row.
+    """
     problems: list[Problem] = []
     for f in contract.schema:
         col = table.column(f.name)
         for i in np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False)):
-            problems.append(Problem(int(i), f.name, "is null"))
+            problems.append(Problem(first_row + int(i), f.name, "is null"))
         if pa.types.is_string(f.type):
             stripped = pc.utf8_trim_whitespace(col)
             empty = pc.fill_null(pc.equal(pc.utf8_length(stripped), 0), False).to_numpy(zero_copy_only=False)
-            problems += [Problem(int(i), f.name, "is empty") for i in np.flatnonzero(empty)]
+            problems += [Problem(first_row + int(i), f.name, "is empty") for i in np.flatnonzero(empty)]
         elif pa.types.is_floating(f.type):
             values = col.to_numpy(zero_copy_only=False)
             bad = ~np.isfinite(values) & ~col.is_null().to_numpy(zero_copy_only=False)
-            problems += [Problem(int(i), f.name, f"is not a finite number ({values[i]})") for i in np.flatnonzero(bad)]
+            problems += [Problem(first_row + int(i), f.name, f"is not a finite number ({values[i]})")
+                         for i in np.flatnonzero(bad)]
     if contract.key:
         seen: dict[str, int] = {}
-        for i, key in enumerate(table.column(contract.key).to_pylist()):
+        for i, key in enumerate(table.column(contract.key).to_pylist(), start=first_row):
             if key is None:
                 continue
             if key in seen:
@@ -150,19 +154,29 @@ def validate(table: pa.Table, contract: Contract, source: str = "<table>") -> pa
     return table
 
 
-def split_valid(table: pa.Table, contract: Contract, source: str = "<table>") -> tuple[pa.Table, pa.Table]:
-    """(valid rows, rejected rows with `_row` and `_reason` columns). Column/type errors still raise."""
+def split_valid(table: pa.Table, contract: Contract, source: str = "<table>",
+                first_row: int = 0) -> tuple[pa.Table, pa.Table]:
+    """(valid rows, rejected rows with `_row` and `_reason` columns). Column/type errors still raise.
+
+    `_row` counts from `first_row`, the position in its file of the slice's first row.
+    """
     table = _conform(table, contract, source)
-    problems = find_problems(table, contract)
+    problems = find_problems(table, contract, first_row)
     bad_rows: dict[int, list[str]] = {}
     for p in problems:
-        bad_rows.setdefault(p.row, []).append(f"{p.field} {p.reason}")
+        bad_rows.setdefault(p.row - first_row, []).append(f"{p.field} {p.reason}")
     mask = np.ones(table.num_rows, dtype=bool)
     mask[list(bad_rows)] = False
     rows = sorted(bad_rows)
-    rejected = table.take(pa.array(rows, pa.int64())).append_column("_row", pa.array(rows, pa.int64()))
+    rejected = table.take(pa.array(rows, pa.int64())).append_column(
+        "_row", pa.array([first_row + r for r in rows], pa.int64()))
     rejected = rejected.append_column("_reason", pa.array(["; ".join(bad_rows[r]) for r in rows], pa.string()))
     return table.filter(pa.array(mask)), rejected
+
+
+def check_schema(schema: pa.Schema, contract: Contract, source: str) -> None:
+    """A file's columns and types (from its footer, no rows read) against `contract`; DataError names the file."""
+    _conform(schema.empty_table(), contract, source)
 
 
 # ---------------------------------------------------------------------------------------------- Parquet I/O

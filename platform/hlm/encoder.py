@@ -3,8 +3,10 @@
 An :class:`Encoder` is a Hugging Face backbone plus pooling, optional L2 normalisation, an optional query
 instruction and an optional linear projection into a wider (teacher) space. Its settings live in a small
 JSON beside the HF files (`hlm_encoder.json`), so pooling, normalisation and the projection are never
-silent defaults in callers. Precision (fp32 | bf16 | fp16 | int8, `hlm.precision`) is chosen at load time and
-never saved: it changes how the encoder computes, not the space its float32 outputs live in.
+silent defaults in callers. A saved encoder is also a complete sentence-transformers folder (`hlm.st_format`):
+`SentenceTransformer(folder).encode_query(texts)` gives what `encode(texts)` gives. Precision (fp32 | bf16 | fp16 |
+int8, `hlm.precision`) is chosen at load time and never saved: it changes how the encoder computes, not the space
+its float32 outputs live in.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from hlm.config import ModelRef, Pooling, Precision, Runtime
-from hlm.precision import quantize_int8, resolve_precision, weight_dtype
+from hlm.precision import ONNX, quantize_int8, resolve_precision, weight_dtype
 from hlm.space import Space
+from hlm.st_format import load_dense, read_st_folder, write_st_folder
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "hlm_encoder.json"
-PROJECTION_FILE = "projection.safetensors"
+LEGACY_PROJECTION_FILE = "projection.safetensors"  # where encoders saved before the ST format kept the head
 Kind = Literal["query", "ad"]
 
 
@@ -40,6 +44,7 @@ class EncoderSettings:
     max_length: int = 64
     query_prompt: str = ""
     projection_dim: int | None = None  # output width of the projection head; None = no head
+    projection_bias: bool = False  # a sentence-transformers Dense with a bias (HLM's own heads have none)
     target_space: str | None = None  # fingerprint of the space a student was aligned to
     weights_sha256: str = ""  # of the backbone weights as saved; part of the space fingerprint
     source: str = ""  # where the weights came from, for people reading the folder
@@ -84,7 +89,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def weights_sha256(folder: Path) -> str:
     """sha256 over the folder's weight files in name order (one file: that file's own sha256)."""
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    files = [f for f in files if f.name != PROJECTION_FILE]
+    files = [f for f in files if f.name != LEGACY_PROJECTION_FILE]
     if len(files) == 1:
         return sha256_file(files[0])
     h = hashlib.sha256()
@@ -116,7 +121,8 @@ class Encoder(nn.Module):
         self.settings = settings
         self.backbone.config.use_cache = False  # an encoder never generates: no KV cache (decoder backbones)
         width = backbone.config.hidden_size
-        self.projection = nn.Linear(width, settings.projection_dim, bias=False) if settings.projection_dim else None
+        self.projection = (nn.Linear(width, settings.projection_dim, bias=settings.projection_bias)
+                           if settings.projection_dim else None)
         if self.projection is not None:
             self.projection.to(device=backbone.device, dtype=backbone.dtype)
 
@@ -172,9 +178,8 @@ class Encoder(nn.Module):
 
     # ------------------------------------------------------------------------------------------ persistence
     def save(self, folder: str | Path) -> Path:
-        """HF files + projection + `hlm_encoder.json`; the weights hash is recomputed from what was written."""
-        from safetensors.torch import save_file
-
+        """HF files + the sentence-transformers modules (the projection is its Dense) + `hlm_encoder.json`; the
+        weights hash is recomputed from what was written."""
         if self.settings.precision is Precision.int8:
             raise ValueError("an int8 encoder holds quantised modules that HF cannot save; save the fp32 encoder "
                              "and load it with precision int8")
@@ -182,8 +187,10 @@ class Encoder(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
-        if self.projection is not None:
-            save_file({"weight": self.projection.weight.detach().float().cpu().contiguous()}, folder / PROJECTION_FILE)
+        (folder / LEGACY_PROJECTION_FILE).unlink(missing_ok=True)  # a stale head would win over the Dense on load
+        s = self.settings
+        write_st_folder(folder, width=self.backbone.config.hidden_size, pooling=s.pooling, normalize=s.normalize,
+                        max_length=s.max_length, query_prompt=s.query_prompt, projection=self.projection)
         self.settings = replace(self.settings, weights_sha256=weights_sha256(folder))
         (folder / SETTINGS_FILE).write_text(self.settings.to_json())
         return folder
@@ -193,10 +200,9 @@ class Encoder(nn.Module):
         """Load a saved encoder, a plain HF folder, or `teacher-default`/`student-default` (never a hub).
 
         The precision is `ref.precision`, else the runtime's dtype; a precision the device cannot run
-        (int8 on GPU, fp16 on CPU) raises `hlm.precision.PrecisionError` before the weights are loaded.
+        (int8 or onnx on GPU, fp16 on CPU) raises `hlm.precision.PrecisionError` before the weights are loaded.
+        Precision onnx / onnx_int8 returns an `hlm.onnx_runtime.OnnxEncoder` over the folder's exported graph.
         """
-        from safetensors.torch import load_file
-
         ref = _as_ref(ref)
         folder, settings = _resolve(ref)
         device, runtime_dtype = resolve_device(runtime)
@@ -208,11 +214,27 @@ class Encoder(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         encoder = cls(backbone, tokenizer, replace(settings, precision=precision))
         if encoder.projection is not None:
-            weight = load_file(folder / PROJECTION_FILE)["weight"]
+            weight, bias = _projection_weights(folder)
             encoder.projection.weight.data.copy_(weight.to(device=device, dtype=dtype))
+            if bias is not None:
+                encoder.projection.bias.data.copy_(bias.to(device=device, dtype=dtype))
         logger.info("loaded encoder %s (%s, dim %d, space %s) on %s/%s",
                     folder, settings.pooling.value, encoder.dim, encoder.space, device, precision.value)
+        if precision in ONNX:
+            from hlm.onnx_runtime import OnnxEncoder
+
+            return OnnxEncoder.from_folder(encoder.eval(), folder, precision).eval()
         return encoder.eval()
+
+
+def _projection_weights(folder: Path) -> tuple[Tensor, Tensor | None]:
+    """The head's (weight (d, h), bias or None): the folder's sentence-transformers Dense module."""
+    if (folder / LEGACY_PROJECTION_FILE).exists():
+        return load_file(folder / LEGACY_PROJECTION_FILE)["weight"], None
+    layout = read_st_folder(folder)
+    if layout is None or layout.dense is None:
+        raise FileNotFoundError(f"{folder}: the settings name a projection head but the folder has no Dense module")
+    return load_dense(layout.dense)
 
 
 def _as_ref(ref: str | Path | ModelRef) -> ModelRef:

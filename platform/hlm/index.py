@@ -13,16 +13,20 @@ with different settings cannot interfere.
 
 Serialisation is bytes only, no pickle: the index is ``faiss.serialize_index`` bytes, the ids an Arrow IPC
 stream with one string column ``ad_id`` whose schema metadata records the space and the factory string.
+:meth:`AdIndex.export` writes the same as two plain files, ``index.faiss`` and ``ids.parquet``, for tools
+without HLM.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +258,18 @@ class AdIndex:
     def to_bytes(self) -> tuple[bytes, bytes]:
         """(``faiss.serialize_index`` bytes, ids as Arrow IPC with the space and factory in its metadata)."""
         return faiss.serialize_index(self.index).tobytes(), ids_to_ipc(self.ids, self.space, self.factory)
+
+    def export(self, folder: str | os.PathLike) -> list[Path]:
+        """``folder/index.faiss`` (``faiss.read_index`` reads it) and ``folder/ids.parquet`` (``faiss_id`` → ``ad_id``,
+        with the space and factory in its schema metadata): search with plain FAISS, map ``I`` through the ids."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(folder / "index.faiss"))
+        schema = pa.schema([("faiss_id", pa.int64()), ("ad_id", pa.string())],
+                           metadata={_META_SPACE: self.space.encode(), _META_FACTORY: self.factory.encode()})
+        pq.write_table(pa.table([pa.array(np.arange(self.ntotal), pa.int64()), pa.array(self.ids, pa.string())],
+                                schema=schema), folder / "ids.parquet")
+        return [folder / "index.faiss", folder / "ids.parquet"]
 
     @classmethod
     def from_bytes(cls, index_bytes: bytes, ids_bytes: bytes) -> AdIndex:

@@ -7,6 +7,8 @@
 | fp16      | GPU      | weights and activations in float16 (CPU half matmuls are slow or missing)     |
 | int8      | CPU      | every backbone nn.Linear holds int8 weights, one scale per output channel; |
 |           |          | activations are quantised per batch at run time (torch dynamic quantisation) |
+| onnx      | CPU      | the exported fp32 graph on ONNX Runtime (`hlm.onnx_runtime`)                 |
+| onnx_int8 | CPU      | that graph with int8 weights, quantised by ONNX Runtime (per channel, dynamic) |
 
 None of them changes the embedding space: the space fingerprint ignores precision and `Encoder.encode` casts
 to float32, so an int8 or bf16 student searches the index built from fp32 (or teacher) ad embeddings. How
@@ -28,7 +30,9 @@ from torch import nn
 from hlm.config import Precision
 
 _WEIGHT_DTYPE = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16,
-                 Precision.int8: torch.float32}  # int8 loads fp32 weights, then quantises them
+                 Precision.int8: torch.float32,  # int8 loads fp32 weights, then quantises them
+                 Precision.onnx: torch.float32, Precision.onnx_int8: torch.float32}  # the torch reference beside it
+ONNX = (Precision.onnx, Precision.onnx_int8)
 _OF_DTYPE = {torch.float32: Precision.fp32, torch.bfloat16: Precision.bf16, torch.float16: Precision.fp16}
 
 
@@ -42,6 +46,9 @@ def resolve_precision(requested: Precision | None, device: torch.device, runtime
     if precision is Precision.int8 and device.type != "cpu":
         raise PrecisionError(f"precision int8 is torch dynamic quantisation, which has CPU kernels only; "
                              f"on {device.type} use bf16 or fp16")
+    if precision in ONNX and device.type != "cpu":
+        raise PrecisionError(f"precision {precision.value} runs the CPU build of ONNX Runtime; on {device.type} use "
+                             "bf16 or fp16")
     if precision is Precision.fp16 and device.type == "cpu":
         raise PrecisionError("precision fp16 needs a GPU (CPU float16 matmuls are slow or missing); "
                              "on CPU use fp32, bf16 or int8")

