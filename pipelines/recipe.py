@@ -1,7 +1,7 @@
 """The whole HARNESS-LM recipe as one resumable job: teacher → embeddings → align → prune → refine → report.
 
     python -m pipelines.recipe --config configs/recipe.yaml
-    ray job submit --working-dir . -- python -m pipelines.recipe --config configs/recipe.yaml
+    ray job submit --runtime-env runtime_env.yaml -- python -m pipelines.recipe --config configs/recipe.yaml
 
 Stages (`hlm.stages`), each one folder under `recipe.out`, written exactly once and keyed by its inputs and
 settings, so a rerun skips what is done, resumes an interrupted training stage from its last checkpoint (its Ray
@@ -27,6 +27,8 @@ code paths as the single-phase jobs. Writes OUT/<stage>/ and OUT/evaluate/report
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +47,7 @@ from hlm.recipe import RecipeConfig, phase_job
 from hlm.space import SpaceMismatch
 from hlm.stages import Stage, StageResult, run_stages, stage_table
 from hlm.store import IndexStore, redis_client
-from pipelines.embed import local_pool_cpus, run_embed
+from pipelines.embed import local_pool_cpus, rejected_folder, run_embed
 from pipelines.train import TrainingFailed, train_phase
 
 logger = logging.getLogger("pipelines.recipe")
@@ -94,7 +96,15 @@ class Recipe:
     def embed(self, name: str, model: ModelRef, path: Path, kind: str, after: tuple[str, ...] = ()) -> None:
         settings = {"kind": kind, "model": model.model_dump(mode="json"), "batch_size": self.cfg.embed.batch_size,
                     **self.weights(model)}
-        self.add(name, lambda out, _: run_embed(self.cfg, model, path, kind, out), settings, (path,), after)
+
+        def run(out: Path, _: dict[str, str]) -> dict[str, Any]:
+            record = run_embed(self.cfg, model, path, kind, out)
+            if rejected_folder(out).exists():  # beside the stage's folder, as beside any embed output
+                shutil.rmtree(rejected_folder(self.out(name)), ignore_errors=True)
+                os.replace(rejected_folder(out), rejected_folder(self.out(name)))
+            return record
+
+        self.add(name, run, settings, (path,), after)
 
     def train(self, name: str, phase: str, overrides: str, init: ModelRef, inputs: PhaseInputs,
               after: tuple[str, ...], **fixed: Any) -> None:

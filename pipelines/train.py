@@ -7,7 +7,8 @@
         --labels DATA/labels.parquet --teacher-queries EMB/queries --ads-emb EMB/ads --out runs/refine
     python -m pipelines.train --phase prune --init runs/align/model --set "train.prune_schedule=[4, 2]" …
     python -m pipelines.train --phase teacher --queries … --labels … --ads DATA/ads.parquet --out runs/teacher
-    ray job submit --working-dir . -- python -m pipelines.train --phase align … --set cluster.num_workers=4
+    ray job submit --runtime-env runtime_env.yaml -- python -m pipelines.train --phase align … \
+        --set cluster.num_workers=4
 
 Which inputs each phase needs is `hlm.phase_data`'s rule (anything else is refused); `--dev-queries
 --dev-labels` evaluate the result over the teacher ad embeddings (`--dev-teacher-queries` adds the teacher row
