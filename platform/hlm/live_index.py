@@ -5,7 +5,8 @@ the events channel only wakes the thread early. A new version is loaded, verifie
 `IndexStore.load`) and space-checked off the request path, then swapped in by replacing one reference,
 so a request sees either the old or the new index, never a mix. While loading, when Redis is
 unreachable, or when a version is refused (another space, bytes that fail their sha256, a missing chunk
-or manifest), the replica keeps serving what it has.
+or manifest, bytes FAISS cannot read: any failure but Redis being unavailable), the replica keeps serving what
+it has and does not fetch the refused version again.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import numpy as np
 import redis
 
 from hlm.index import AdIndex
-from hlm.space import SpaceMismatch
-from hlm.store import IndexStore, IntegrityError, StoreError, UnknownVersion
+from hlm.store import IndexStore, StoreError, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +98,16 @@ class LiveIndex:
             if self.snapshot is not None and version == self.snapshot.version:
                 return False
             index = self.store.load(version, expected_space=self.expected_space)
-        # Redis answered and this version will never load (other space, bad bytes, no manifest): don't fetch it again.
-        except (SpaceMismatch, IntegrityError, UnknownVersion) as e:
-            self.state.refused[version] = str(e)
-            self.state.last_error = str(e)
-            logger.error("refused version %s, still serving %s: %s", version, self._serving(), e)
-            return False
-        except (StoreError, redis.RedisError) as e:  # Redis trouble: transient, retried on the next poll
+        except (StoreUnavailable, redis.RedisError) as e:  # Redis trouble: transient, retried on the next poll
             self.state.last_error = str(e)
             logger.warning("index refresh failed, still serving %s: %s", self._serving(), e)
+            return False
+        # Redis answered and this version did not load (other space, bad bytes, no manifest, FAISS could not read
+        # it, anything else): retrying the same bytes gives the same answer, so don't fetch it again.
+        except Exception as e:
+            self.state.refused[version] = why = f"{type(e).__name__}: {e}"
+            self.state.last_error = why
+            logger.error("refused version %s, still serving %s: %s", version, self._serving(), why)
             return False
         self.snapshot = Snapshot(index, version)
         self.state.last_error = None

@@ -7,13 +7,19 @@ Key layout (DESIGN.md, "Index store in Redis")::
     hlm:{index}:v:{ver}:manifest       -> JSON: space, dim, count, factory, n_chunks, sha256, created_at, source, …
     hlm:{index}:v:{ver}:chunk:{i}      -> bytes of faiss.serialize_index, ≤ chunk_bytes each
     hlm:{index}:v:{ver}:ids            -> ad ids (Arrow IPC), position i = FAISS id i
+    hlm:{index}:v:{ver}:writing        -> heartbeat of the publish in flight (PX TTL, renewed per chunk)
     hlm:{index}:events                 -> pub/sub channel: the new version id
+    hlm:{index}:lease                  -> the nightly job's lease (hlm.lease)
 
 A version is *published* once it is in ``versions``; only then can ``current`` point to it. Publishing
 writes the manifest, the chunks and the ids, reads the chunks back to check their sha256, and only then
 sets ``current``, pushes onto ``versions`` and publishes the id in one MULTI/EXEC — so a publisher that
-fails at any point leaves ``current`` on the previous complete version. Readers poll ``current`` (the
-source of truth); the pub/sub message is only a hint. Only bytes and JSON go into Redis, never pickle.
+fails at any point leaves ``current`` on the previous complete version. That MULTI/EXEC is a compare-and-set:
+it commits only if ``current`` is still the version the publish started from, so a late publisher never
+undoes a newer publish or an operator's rollback. Leftovers of a killed publish (a manifest, no heartbeat,
+not in ``versions``) are orphans: the next publish removes them before writing, and so does gc. Liveness is
+the heartbeat's TTL, i.e. Redis's clock, never a publisher's. Readers poll ``current`` (the source of
+truth); the pub/sub message is only a hint. Only bytes and JSON go into Redis, never pickle.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
+import faiss
 import redis
 
 from hlm.index import AdIndex
@@ -54,6 +61,13 @@ class IntegrityError(StoreError):
 
 class UnknownVersion(StoreError):
     """Redis answered and the version has no manifest: never published, garbage-collected or deleted."""
+
+
+class StoreUnavailable(StoreError):
+    """Redis did not answer or failed the command: transient, worth retrying."""
+
+
+_STARTED = object()  # publish(based_on=…) default: the `current` read when the publish starts
 
 
 def redis_client(url: str | None = None, *, password: str | None = None, ssl_ca: str | None = None) -> redis.Redis:
@@ -92,7 +106,7 @@ def _sha256(parts: list[bytes]) -> str:
 
 
 @contextmanager
-def _redis_errors(what: str, error: type[StoreError] = StoreError) -> Iterator[None]:
+def _redis_errors(what: str, error: type[StoreError] = StoreUnavailable) -> Iterator[None]:
     try:
         yield
     except redis.RedisError as e:
@@ -102,17 +116,21 @@ def _redis_errors(what: str, error: type[StoreError] = StoreError) -> Iterator[N
 class IndexStore:
     """Versions of one named index in Redis (see the module docstring for the key layout)."""
 
-    def __init__(self, client: redis.Redis, name: str, *, chunk_bytes: int = 64 * MIB, keep: int = 3) -> None:
+    def __init__(self, client: redis.Redis, name: str, *, chunk_bytes: int = 64 * MIB, keep: int = 3,
+                 heartbeat_s: float = 120.0) -> None:
         if not _NAME.match(name):
             raise ValueError(f"index name {name!r} must match {_NAME.pattern}")
         if not 1 <= chunk_bytes <= REDIS_MAX_VALUE:
             raise ValueError(f"chunk_bytes must be in 1..{REDIS_MAX_VALUE}, got {chunk_bytes}")
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
+        if heartbeat_s <= 0:
+            raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
         self.client, self.name, self.chunk_bytes, self.keep = client, name, chunk_bytes, keep
+        self.heartbeat_ms = int(heartbeat_s * 1000)  # longer than writing one chunk, or gc takes a live publish
         self.prefix = f"hlm:{name}"
         self.current_key, self.versions_key = f"{self.prefix}:current", f"{self.prefix}:versions"
-        self.channel = f"{self.prefix}:events"
+        self.channel, self.lease_key = f"{self.prefix}:events", f"{self.prefix}:lease"
 
     # ------------------------------------------------------------------------------------------ keys
 
@@ -124,6 +142,9 @@ class IndexStore:
 
     def ids_key(self, version: str) -> str:
         return f"{self.prefix}:v:{version}:ids"
+
+    def heartbeat_key(self, version: str) -> str:
+        return f"{self.prefix}:v:{version}:writing"
 
     def _version_keys(self, version: str) -> list[str]:
         """Every key of a version, found by SCAN (so partial writes without a manifest are found too)."""
@@ -156,8 +177,13 @@ class IndexStore:
 
     # ------------------------------------------------------------------------------------------ publish
 
-    def publish(self, index: AdIndex, *, source: str = "", version: str | None = None) -> str:
-        """Store ``index`` as a new version, verify it, then make it current. Returns the version id."""
+    def publish(self, index: AdIndex, *, source: str = "", version: str | None = None,
+                based_on: str | None | object = _STARTED) -> str:
+        """Store ``index`` as a new version, verify it, then make it current. Returns the version id.
+
+        ``based_on`` is the version ``current`` must still name at the commit (None: nothing published);
+        by default the one current when this call starts. Otherwise the publish is refused and cleaned up.
+        """
         version = version or new_version()
         if not _NAME.match(version):
             raise ValueError(f"version id {version!r} must match {_NAME.pattern}")
@@ -171,22 +197,34 @@ class IndexStore:
             "factory": index.factory, "n_chunks": len(chunks), "size": len(blob), "chunk_bytes": self.chunk_bytes,
             "sha256": _sha256([blob]), "ids_sha256": _sha256([ids_blob]),
             "created_at": datetime.now(UTC).isoformat(), "source": source, "format": 1,
+            "faiss_version": faiss.__version__,  # a reader with another FAISS can say why it cannot deserialise
         }
         what = f"publishing {self.name} version {version}"
         with _redis_errors(f"{what} failed; current is unchanged", PublishError):
+            if based_on is _STARTED:
+                raw = self.client.get(self.current_key)  # not self.current(): a Redis error here is a PublishError
+                based_on = raw.decode() if raw is not None else None
             if version.encode() in self.client.lrange(self.versions_key, 0, -1) or self._version_keys(version):
                 raise PublishError(f"{what}: version {version!r} already exists")
-            try:  # the manifest goes first, so every leftover of a failed publish has one (see gc)
+            self._delete_orphans()  # under noeviction a dead publish's keys would leave no room for this one
+            heartbeat = self.heartbeat_key(version)
+            try:  # heartbeat, then manifest: every leftover of a failed publish has a manifest (see gc)
+                self.client.set(heartbeat, b"1", px=self.heartbeat_ms)
                 self.client.set(self.manifest_key(version), json.dumps(manifest, sort_keys=True))
                 for i, chunk in enumerate(chunks):  # one SET per chunk: no client-side buffer of the whole blob
                     self.client.set(self.chunk_key(version, i), chunk)
+                    self.client.pexpire(heartbeat, self.heartbeat_ms)
                 self.client.set(self.ids_key(version), ids_blob)
                 self._verify_written(version, manifest)
+                self.client.pexpire(heartbeat, self.heartbeat_ms)
             except BaseException:
                 self._delete_quietly(version)
                 raise
         try:
-            self._commit(version)
+            self._commit(version, based_on)
+        except PublishError:
+            self._delete_quietly(version)
+            raise
         except redis.RedisError as e:
             try:  # did the EXEC land? Only a confirmed "no" makes the written keys garbage
                 landed: bool | None = version.encode() in self.client.lrange(self.versions_key, 0, -1)
@@ -212,17 +250,30 @@ class IndexStore:
             raise PublishError(f"publishing {self.name} version {version}: the bytes read back do not match "
                                f"the sha256 written; the partial version was deleted")
 
-    def _commit(self, version: str) -> None:
-        """SET current, LPUSH versions, PUBLISH in one MULTI/EXEC, WATCHed against racing publishers."""
+    def _commit(self, version: str, expected: str | None) -> None:
+        """Compare-and-set: SET current, LPUSH versions, PUBLISH, drop the heartbeat in one MULTI/EXEC, only if
+        ``current`` is still ``expected`` and this publish's heartbeat is alive (else gc may own its keys)."""
+        what = f"publishing {self.name} version {version}"
+        heartbeat = self.heartbeat_key(version)
+
         def flip(pipe: redis.client.Pipeline) -> None:
             if version.encode() in pipe.lrange(self.versions_key, 0, -1):
                 return  # our EXEC landed but its reply was lost (redis-py retries that as a WatchError)
+            current = pipe.get(self.current_key)
+            current = current.decode() if current is not None else None
+            if current != expected:
+                raise PublishError(f"{what}: current moved from {expected!r} to {current!r} while this publish "
+                                   "ran (another publish or a rollback); refusing to overwrite it")
+            if not pipe.exists(heartbeat):
+                raise PublishError(f"{what}: its heartbeat expired before the commit (a pause longer than "
+                                   f"{self.heartbeat_ms} ms), so gc may have removed its keys")
             pipe.multi()
             pipe.set(self.current_key, version)
             pipe.lpush(self.versions_key, version)
+            pipe.delete(heartbeat)
             pipe.publish(self.channel, version)
 
-        self.client.transaction(flip, self.current_key, self.versions_key)
+        self.client.transaction(flip, self.current_key, self.versions_key, heartbeat)
 
     def _delete_quietly(self, version: str) -> None:
         """Best-effort removal of a failed publish's keys (Redis may be the thing that failed)."""
@@ -261,7 +312,12 @@ class IndexStore:
                                  f"{manifest['sha256']}; refusing to deserialise")
         if _sha256([ids_blob]) != manifest["ids_sha256"]:
             raise IntegrityError(f"{what}: the ad ids do not match the manifest's ids_sha256")
-        index = AdIndex.from_bytes(b"".join(chunks), ids_blob)
+        try:
+            index = AdIndex.from_bytes(b"".join(chunks), ids_blob)
+        except (RuntimeError, ValueError) as e:  # FAISS raises RuntimeError for bytes it cannot read
+            raise IntegrityError(f"{what}: passed its sha256 but could not be deserialised (written by faiss "
+                                 f"{manifest.get('faiss_version', 'unknown')}, this is faiss {faiss.__version__}): "
+                                 f"{e}") from e
         if (index.ntotal, index.dim, index.space) != (manifest["count"], manifest["dim"], manifest["space"]):
             raise IntegrityError(f"{what}: holds {index.ntotal}×{index.dim} in space {index.space}, the manifest "
                                  f"says {manifest['count']}×{manifest['dim']} in space {manifest['space']}")
@@ -305,11 +361,11 @@ class IndexStore:
         with _redis_errors(what):
             return self.client.transaction(move, self.current_key, self.versions_key, value_from_callable=True)
 
-    def gc(self, keep: int | None = None, *, orphans_older_than_s: float = 3600.0) -> list[str]:
-        """Delete versions beyond the newest ``keep`` (never ``current``); returns the deleted ids.
+    def gc(self, keep: int | None = None) -> list[str]:
+        """Delete versions beyond the newest ``keep`` (never ``current``) and orphans; returns the deleted ids.
 
-        Also deletes leftovers of failed publishes (a manifest but not in ``versions``) once their
-        ``created_at`` is older than ``orphans_older_than_s``, so a publish still in flight is left alone.
+        An orphan is a failed publish's leftover: a manifest, not in ``versions``, and no live heartbeat, so a
+        publish still in flight (its heartbeat renewed per chunk) is left alone whatever anyone's clock says.
         """
         keep = self.keep if keep is None else keep
         if keep < 1:
@@ -319,7 +375,7 @@ class IndexStore:
             current = (pipe.get(self.current_key) or b"").decode()
             versions = [v.decode() for v in pipe.lrange(self.versions_key, 0, -1)]
             doomed = [v for v in versions[keep:] if v != current]
-            orphans = [v for v in self._orphans(orphans_older_than_s) if v not in versions and v != current]
+            orphans = [v for v in self._orphans() if v not in versions and v != current]
             keys = [k for v in doomed + orphans for k in self._version_keys(v)]
             pipe.multi()
             for v in doomed:
@@ -334,12 +390,20 @@ class IndexStore:
             logger.info("gc %s: deleted %s (kept the newest %d and current)", self.name, deleted, keep)
         return deleted
 
-    def _orphans(self, older_than_s: float) -> list[str]:
-        """Version ids that have a manifest older than ``older_than_s`` (callers drop the published ones)."""
-        found, now = [], datetime.now(UTC)
+    def _orphans(self) -> list[str]:
+        """Version ids with a manifest and no live heartbeat (callers drop the published ones)."""
+        found = []
         for key in self.client.scan_iter(match=f"{self.prefix}:v:*:manifest", count=1000):
             version = key.decode()[len(self.prefix) + 3:-len(":manifest")]
-            created = json.loads(self.client.get(key) or b"{}").get("created_at")
-            if created and (now - datetime.fromisoformat(created)).total_seconds() >= older_than_s:
+            if not self.client.exists(self.heartbeat_key(version)):
                 found.append(version)
         return found
+
+    def _delete_orphans(self) -> None:
+        """Delete the orphans (not published, not current): the publish path's share of gc."""
+        orphans = self._orphans()
+        published = set(self.versions()) | {self.current()}  # read after the scan: a commit drops its heartbeat
+        for version in orphans:  # and joins `versions` in one EXEC, so a just-committed version is seen here
+            if version not in published:
+                logger.warning("deleting the leftovers of a dead publish of %s: version %s", self.name, version)
+                self._delete_quietly(version)

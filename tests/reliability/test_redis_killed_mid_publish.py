@@ -1,8 +1,9 @@
 """Redis SIGKILLed in the middle of a publish: `current` still names the old, complete version after Redis comes
 back, the publish fails with a clear error, and a rerun succeeds.
 
-The server runs with an fsync'ed append-only file, as a production index store should (infra/kuberay): a
-kill then loses no acknowledged write, so what survives the restart is exactly what the publish had committed.
+The server runs with the persistence lines of the shipped production config (infra/kuberay/redis.yaml: an
+append-only file fsync'ed on every write): a kill then loses no acknowledged write, so what survives the
+restart is exactly what the publish had committed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+import yaml
 
 from hlm.index import AdIndex
 from hlm.store import IndexStore, PublishError, redis_client
@@ -25,14 +27,23 @@ from tests.conftest import REPO, free_port
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
 
+def shipped_persistence() -> list[str]:
+    """The persistence lines of the production redis.conf (infra/kuberay/redis.yaml), as redis-server options."""
+    docs = yaml.safe_load_all((REPO / "infra/kuberay/redis.yaml").read_text())
+    conf = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["redis.conf"]
+    lines = [line.split() for line in conf.splitlines() if line.split()[:1] in (["appendonly"], ["appendfsync"])]
+    assert len(lines) == 2, f"expected appendonly and appendfsync in the shipped redis.conf, got {lines}"
+    return [arg for name, value in lines for arg in (f"--{name}", value)]
+
+
 class DurableRedis:
     def __init__(self, folder: Path) -> None:
         self.folder, self.port, self.pid = folder, free_port(), 0
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        out = subprocess.run([str(REPO / "infra/redis/start.sh"), str(self.port), str(self.folder), "--appendonly",
-                              "yes", "--appendfsync", "always"], check=True, capture_output=True, text=True)
+        out = subprocess.run([str(REPO / "infra/redis/start.sh"), str(self.port), str(self.folder),
+                              *shipped_persistence()], check=True, capture_output=True, text=True)
         self.pid = int(out.stdout.strip())
 
     def kill(self) -> None:
@@ -78,9 +89,9 @@ def kill_before_commit(store: IndexStore, server: DurableRedis) -> Callable[[], 
     """Make the server die after every chunk is written and verified, just before the MULTI/EXEC."""
     real_commit = store._commit
 
-    def commit(version: str) -> None:
+    def commit(version: str, based_on: str | None) -> None:
         server.kill()
-        real_commit(version)
+        real_commit(version, based_on)
 
     store._commit = commit
     return lambda: setattr(store, "_commit", real_commit)
@@ -89,7 +100,7 @@ def kill_before_commit(store: IndexStore, server: DurableRedis) -> Callable[[], 
 @pytest.mark.parametrize("kill", ["while writing chunks", "before the final MULTI/EXEC"])
 def test_redis_killed_mid_publish_keeps_the_old_version_current_and_a_rerun_succeeds(durable_redis, kill,
                                                                                     record_property):
-    store = IndexStore(redis_client(durable_redis.url), "ads", chunk_bytes=16 * 1024)
+    store = IndexStore(redis_client(durable_redis.url), "ads", chunk_bytes=16 * 1024, heartbeat_s=1)
     old = store.publish(flat_index(0))
     undo = kill_at_chunk(store, durable_redis, 5) if kill == "while writing chunks" else kill_before_commit(
         store, durable_redis)
@@ -98,11 +109,13 @@ def test_redis_killed_mid_publish_keeps_the_old_version_current_and_a_rerun_succ
     undo()
 
     durable_redis.start()  # same folder: the append-only file replays every acknowledged write
-    store = IndexStore(redis_client(durable_redis.url), "ads", chunk_bytes=16 * 1024)
+    store = IndexStore(redis_client(durable_redis.url), "ads", chunk_bytes=16 * 1024, heartbeat_s=1)
     assert store.current() == old and store.versions() == [old]
     assert store.load().ids == flat_index(0).ids  # complete: every chunk is there and its sha256 matches
     record_property("current_after_restart", "old version")
-    store.gc(orphans_older_than_s=0)  # the dead publish's leftovers (its cleanup could not reach Redis)
+    while list(store.client.scan_iter(match="hlm:ads:v:*:writing")):  # the dead publish's heartbeat runs out
+        time.sleep(0.1)
+    store.gc()  # the dead publish's leftovers (its cleanup could not reach Redis)
     assert {k.split(b":")[3].decode() for k in store.client.scan_iter(match="hlm:ads:v:*")} == {old}
 
     new = store.publish(flat_index(1))

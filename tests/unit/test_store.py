@@ -174,12 +174,12 @@ def test_gc_uses_the_store_default_keep(client) -> None:
     assert sorted(store.gc()) == ["v0", "v1"] and store.versions() == ["v2"]
 
 
-def test_gc_removes_leftovers_of_failed_publishes_after_the_grace_period(store: IndexStore, client) -> None:
+def test_gc_removes_leftovers_of_dead_publishes_and_leaves_live_ones(store: IndexStore, client) -> None:
     store.publish(small_index(), version="v1")
-    stale = {"created_at": (datetime.now(UTC) - timedelta(hours=2)).isoformat(), "n_chunks": 2}
-    client.set(store.manifest_key("dead"), json.dumps(stale))
+    client.set(store.manifest_key("dead"), json.dumps({"n_chunks": 2}))  # no heartbeat: its publisher is gone
     client.set(store.chunk_key("dead", 0), b"x")
-    client.set(store.manifest_key("inflight"), json.dumps({"created_at": datetime.now(UTC).isoformat()}))
+    client.set(store.heartbeat_key("inflight"), b"1", px=60_000)
+    client.set(store.manifest_key("inflight"), json.dumps({"created_at": "2000-01-01T00:00:00+00:00"}))
     assert store.gc() == ["dead"]
     assert not [k for k in keys(client) if ":v:dead:" in k]
     assert store.manifest("inflight") and store.current() == "v1"
