@@ -191,8 +191,9 @@ class TrainCluster(_Section):
     storage_path: str = Field("runs/ray_results", description="Ray Train run folders: checkpoints and resume "
                               "state; a relative path is taken from the working directory; use shared storage "
                               "(s3://, gs://, NFS) on a multi-node cluster")
-    max_failures: int = Field(0, ge=-1, description="restart the workers from the latest checkpoint this many "
-                              "times (-1 = forever, e.g. on spot instances)")
+    # 1, not Ray's 0: one lost node or OOM-killed worker should cost a restart from the last checkpoint, not the run
+    max_failures: int = Field(1, ge=-1, description="restart the workers from the latest checkpoint this many "
+                              "times (-1 = forever, e.g. on spot instances; 0 = fail on the first worker death)")
     num_to_keep: int = Field(2, gt=0, description="checkpoints kept in storage (the newest is always kept)")
 
 

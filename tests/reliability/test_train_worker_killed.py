@@ -41,7 +41,7 @@ def wait_for_a_registered_checkpoint(run_dir: Path, timeout_s: float = 300) -> i
 def test_a_killed_train_worker_resumes_from_the_last_checkpoint_and_finishes(ray_cluster, tiny_bert_dir,
                                                                            catalog_split, tmp_path, record_property):
     out, run_name = tmp_path / "align", "killed-worker"
-    args = [*job_args(catalog_split, "align", out, "cluster.num_workers=2", "cluster.max_failures=1",
+    args = [*job_args(catalog_split, "align", out, "cluster.num_workers=2",
                       "train.max_steps=400", "train.checkpoint_every=10", init=tiny_bert_dir, dev=False),
             "--run-name", run_name]
     codes: list[int] = []

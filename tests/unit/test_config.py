@@ -192,3 +192,8 @@ def test_an_override_of_one_yaml_alias_leaves_the_others_alone(tmp_path):
     path.write_text("student: &m {model: student-default}\nteacher: *m\n")
     cfg = load_config(path, ["student.max_length=16"])
     assert cfg.student.max_length == 16 and cfg.teacher.max_length is None
+
+
+def test_the_shipped_defaults_restart_a_killed_train_worker() -> None:
+    # test_train_worker_killed.py kills a worker under these same defaults, without overriding them
+    assert load_config().cluster.max_failures >= 1
