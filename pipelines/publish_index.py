@@ -14,10 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from hlm.cli import command_name, command_notes, setup_logging
+from hlm.config import RefreshJob
 from hlm.data import DataError, read_embeddings
+from hlm.gate import ann_recall, gate
 from hlm.index import AdIndex
 from hlm.store import IndexStore, StoreError, redis_client
 
@@ -33,19 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nprobe", type=int, help="IVF: lists searched per query")
     parser.add_argument("--ef-search", type=int, help="HNSW (or an IVF's HNSW quantizer): search breadth")
     parser.add_argument("--k-factor", type=float, help="…,Refine(…)/RFlat: k·k_factor candidates are re-scored")
-    parser.add_argument("--min-recall", type=float, default=0.9, help="recall@10 vs exact search required to publish")
+    gate_defaults = RefreshJob()  # one gate, one set of thresholds, for this job and the nightly refresh
+    parser.add_argument("--min-recall", type=float, default=gate_defaults.min_recall,
+                        help="recall@10 vs exact search required to publish (refresh.min_recall's default)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
         ids, emb, space = read_embeddings(args.embeddings)
         index = AdIndex.build(ids, emb, space["fingerprint"], args.factory, nprobe=args.nprobe,
                               ef_search=args.ef_search, k_factor=args.k_factor)
-        exact = index if args.factory == "Flat" else AdIndex.build(ids, emb, space["fingerprint"], "Flat")
-        sample = emb[np.random.default_rng(0).choice(len(emb), min(1000, len(emb)), replace=False)]  # (S, d)
-        recall = index.recall_at_k(exact, sample, k=min(10, index.ntotal))
-        if recall < args.min_recall:
-            print(f"error: recall@10 {recall:.3f} of {args.factory} is below {args.min_recall}; nothing published",
-                  file=sys.stderr)
+        recall = ann_recall(index, emb, sample=gate_defaults.recall_sample, seed=0)
+        result = gate(new_space=index.space, serving_space=None, recall=recall, min_recall=args.min_recall)
+        if not result.passed:
+            print(f"error: {args.factory}: {result.reason}; nothing published", file=sys.stderr)
             return 1
         store = IndexStore(redis_client(args.redis_url), args.index)
         version = store.publish(index, source=str(args.embeddings))

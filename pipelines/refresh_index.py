@@ -27,7 +27,9 @@ def summary(rec: dict) -> str:
         lines.append(f"  why: {rec['why_not']}")
     if counts := rec.get("counts"):
         lines.append("  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    for name, c in rec.get("gate", {}).get("checks", {}).items():
+    if override := rec.get("override"):
+        lines.append(f"  shrink guard overridden ({override['reason']}): {override['overridden']}")
+    for name, c in (rec.get("gate") or {}).get("checks", {}).items():
         lines.append(f"  gate {name}: {c['status']} (value {c['value']}, threshold {c['threshold']}) {c['note']}")
     lines.append(f"  timings_s {rec['timings_s']}; run record {rec['record']}")
     return "\n".join(lines)

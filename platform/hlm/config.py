@@ -173,6 +173,19 @@ class RefreshJob(_Section):
     max_quality_drop: float = Field(0.02, ge=0, description="gate: largest absolute drop of the primary metric "
                                     "(P@100) on the canary set vs the serving version")
     keep_versions: int = Field(3, gt=0, description="published versions kept in Redis after a publish (gc)")
+    # A truncated but valid export looks like mass deletion, and the recall gate passes on the survivors.
+    max_deleted_fraction: float = Field(0.2, ge=0, le=1, description="refuse when more than this fraction of the "
+                                        "published ads would be deleted")
+    max_shrink_fraction: float = Field(0.1, ge=0, le=1, description="refuse when the index would shrink by more "
+                                       "than this fraction of the published ads (deletions net of new ads)")
+    expected_rows_file: str | None = Field(None, description="a file the upstream export writes holding its total "
+                                           "row count (one integer); refuse when it is missing or the Parquet "
+                                           "files hold another number of rows")
+    override_shrink_guard: str = Field("", description="a reason to publish past the three limits above "
+                                       "(one run, e.g. --set refresh.override_shrink_guard='catalogue cut'); "
+                                       "logged and kept in run.json")
+    lease_s: float = Field(600, gt=0, description="TTL of the run's lease in Redis (renewed every third of it "
+                           "while the run lives): how long a killed run blocks the next one")
 
     @model_validator(mode="after")
     def _canary_pair(self) -> RefreshJob:

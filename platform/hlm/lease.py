@@ -13,7 +13,7 @@ import threading
 
 import redis
 
-from hlm.store import StoreError
+from hlm.store import StoreError, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,12 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def acquire(self, *, renew: bool = True) -> Lease:
-        if not self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
-            holder, left_ms = self.client.get(self.key), self.client.pttl(self.key)
+        try:
+            taken = self.client.set(self.key, self.token, nx=True, px=self.ttl_ms)
+            holder, left_ms = (None, 0) if taken else (self.client.get(self.key), self.client.pttl(self.key))
+        except redis.RedisError as e:
+            raise StoreUnavailable(f"taking the lease {self.key}: Redis error {type(e).__name__}: {e}") from e
+        if not taken:
             raise LeaseHeld(f"{self.key} is held by {holder.decode() if holder else '?'} for up to another "
                             f"{max(left_ms, 0) / 1000:.0f} s: another run is working on this index")
         if renew:

@@ -32,7 +32,8 @@ import numpy as np
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, float]]
 
-PRIMARY_METRIC = "P@100"
+PRIMARY_K = 100  # the cutoff of the primary metric, for callers that must compute it
+PRIMARY_METRIC = f"P@{PRIMARY_K}"
 GREATER_IS_BETTER = True
 
 

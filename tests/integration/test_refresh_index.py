@@ -159,3 +159,62 @@ def test_a_truncated_catalogue_exits_2_naming_the_file_and_the_current_version_s
     assert failed["status"] == "error" and f"{refresh.ads}: not a readable Parquet file" in failed["why_not"]
     assert f"why: {failed['why_not']}" in capsys.readouterr().out
     assert refresh.store.current() == first["run"] and refresh.store.versions() == [first["run"]]
+
+
+def write_export(folder: Path, texts: dict[str, str | None], n_files: int) -> list[Path]:
+    """The catalogue as an upstream export writes it: `n_files` Parquet parts and an `_expected_rows` marker."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = list(texts)
+    parts = [write_ads(folder / f"part-{i:03d}.parquet", {a: texts[a] for a in ids[i::n_files]})
+             for i in range(n_files)]
+    (folder / "_expected_rows").write_text(f"{len(ids)}\n")
+    return parts
+
+
+@pytest.mark.reliability
+def test_a_truncated_export_is_refused_and_only_an_explicit_override_publishes_it(refresh: Refresh, tmp_path: Path,
+                                                                                   record_property) -> None:
+    # Given a published catalogue exported as 10 files
+    export = tmp_path / "export"
+    parts = write_export(export, catalogue(), 10)
+    rc, first = refresh(f"refresh.ads={export}")
+    assert rc == 0 and first["status"] == "published"
+    # When the next export is valid but holds only 3 of its 10 files (42 of 60 ads look deleted)
+    for part in parts[3:]:
+        part.unlink()
+    rc, short = refresh(f"refresh.ads={export}")
+    # Then nothing is embedded or published, and the record says which limit refused it
+    assert rc == 1 and short["status"] == "refused", short["why_not"]
+    assert "42 of 60 published ads (70%) would be deleted" in short["why_not"]
+    assert "refresh.max_deleted_fraction 0.2" in short["why_not"] and "embed" not in short["timings_s"]
+    assert refresh.store.current() == first["run"] and refresh.store.versions() == [first["run"]]
+    # And an operator's explicit override (a reason) publishes it, logged in the record
+    rc, forced = refresh(f"refresh.ads={export}", "refresh.override_shrink_guard=catalogue cut by merchandising")
+    assert rc == 0 and forced["status"] == "published", forced["why_not"]
+    assert forced["override"] == {"reason": "catalogue cut by merchandising", "overridden": short["why_not"]}
+    survivors = [a for part in parts[:3] for a in pq.read_table(part)["ad_id"].to_pylist()]
+    assert sorted(refresh.store.load().ids) == sorted(survivors)
+    record_property("truncated_export", "3/10 files: refused exit 1; override published")
+
+
+@pytest.mark.reliability
+def test_an_export_short_of_its_row_count_marker_is_refused_even_with_nothing_published(refresh: Refresh,
+                                                                                        tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    for part in write_export(export, catalogue(), 10)[3:]:
+        part.unlink()
+    rc, rec = refresh(f"refresh.ads={export}", f"refresh.expected_rows_file={export / '_expected_rows'}")
+    assert rc == 1 and rec["status"] == "refused"
+    assert "holds 18 rows; its marker" in rec["why_not"] and "says 60" in rec["why_not"]
+    assert refresh.store.current() is None
+
+
+@pytest.mark.reliability
+def test_a_second_nightly_run_does_not_start_while_one_holds_the_lease(refresh: Refresh) -> None:
+    from hlm.lease import Lease
+
+    write_ads(refresh.ads, catalogue())
+    with Lease(refresh.store.client, refresh.store.lease_key, owner="run-still-embedding", ttl_s=60):
+        rc, rec = refresh()
+    assert rc == 2 and rec["status"] == "error" and "held by run-still-embedding" in rec["why_not"]
+    assert "read_catalogue" not in rec["timings_s"] and refresh.store.current() is None

@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from hlm.config import ConfigError, load_config
-from hlm.refresh import diff, gate, merge_embeddings, read_catalogue, text_hashes
+from hlm.gate import gate
+from hlm.refresh import read_catalogue
+from hlm.refresh_state import diff, merge_embeddings, text_hashes
 
 REPO = Path(__file__).resolve().parents[2]
 
