@@ -28,7 +28,7 @@ from hlm.config import Config, ModelRef
 from hlm.data import DataError, embedding_schema, space_metadata
 from hlm.embedding import EmbedBatch, InputFiles, InputKind, ValidateRows, input_files
 from hlm.encoder import describe_space_of
-from hlm.staging import OutputExists, StagedOutput, job_key
+from hlm.staging import OutputBusy, OutputExists, StagedOutput, job_key
 
 logger = logging.getLogger("pipelines.embed")
 
@@ -54,14 +54,42 @@ def run_embed(cfg: Config, model: ModelRef, input_path: str | Path, kind: InputK
     space = describe_space_of(model)  # part of the job key; read from settings, so the driver needs no GPU
     inputs = input_files(input_path, kind)
     staged = StagedOutput(out, job_key({"inputs": _identity(inputs), "space": space, "kind": kind}))
-    if (done := staged.finished()) is not None:
-        print(f"nothing to do: {out} already holds this job's output ({done['rows_written']} rows)")
-        return done
-    staging = staged.begin()
     rejected = StagedOutput(rejected_folder(out), staged.key)
-    rejected_staging = rejected.begin()
-    shutil.rmtree(rejected.final, ignore_errors=True)  # a crashed run's: `out` itself is not there yet
+    staged.lock()  # before finished(): a concurrent run that completes meanwhile is then seen, not overwritten
+    try:  # the locks go with this run: a failed run in a long-lived process must not block the next one
+        if (done := staged.finished()) is not None:
+            print(f"nothing to do: {out} already holds this job's output ({done['rows_written']} rows)")
+            return done
+        staging, rejected_staging = staged.begin(), rejected.begin()
+        shutil.rmtree(rejected.final, ignore_errors=True)  # a crashed run's: `out` itself is not there yet
+        _write_embeddings(cfg, model, inputs, kind, space, staging, rejected_staging)
+        n_rejected = sum(pq.read_metadata(f).num_rows for f in rejected_staging.glob("*.parquet"))
+        rejected_deleted = _rejected_marked_deleted(rejected_staging) if inputs.deleted else 0
+        expected = inputs.rows - n_rejected - (inputs.deleted - rejected_deleted)
+        written = sum(pq.read_metadata(f).num_rows for f in staging.glob("*.parquet"))
+        if written != expected:  # never publish a short or doubled folder
+            raise RuntimeError(f"wrote {written} rows but {expected} were valid; {staging} left for inspection")
+        seconds = time.perf_counter() - started
+        record = {"rows_written": written, "rows_rejected": n_rejected, "seconds": round(seconds, 2),
+                  "rows_per_s": round(written / seconds, 1), "space": space, "kind": kind, "inputs": inputs.paths}
+        if n_rejected:  # first, so a complete `out` never lacks its rejected rows
+            rejected.commit({**record, "rejected": True})
+        else:
+            shutil.rmtree(rejected_staging)
+        staged.commit(record)
+        print(f"embedded {written} {kind} ({n_rejected} rejected) in {seconds:.1f}s "
+              f"= {written / seconds:.1f} rows/s; space {space['fingerprint']}, dim {space['dim']}; wrote {out}")
+        if n_rejected:
+            print(f"rejected rows with file, row and reason: {rejected.final}")
+        return record
+    finally:
+        staged.release()
+        rejected.release()
 
+
+def _write_embeddings(cfg: Config, model: ModelRef, inputs: InputFiles, kind: InputKind, space: dict, staging: Path,
+                      rejected_staging: Path) -> None:
+    """The Ray Data pipeline: read in file order, validate (bad rows to `rejected_staging`), embed, write."""
     context = ray.data.DataContext.get_current()
     preserve_order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
     try:  # in order, so that ValidateRows numbers each file's rows
@@ -87,26 +115,6 @@ def run_embed(cfg: Config, model: ModelRef, input_path: str | Path, kind: InputK
         ds.write_parquet(str(staging), schema=schema, max_rows_per_file=cfg.embed.rows_per_file, mode="overwrite")
     finally:
         context.execution_options.preserve_order = preserve_order
-
-    n_rejected = sum(pq.read_metadata(f).num_rows for f in rejected_staging.glob("*.parquet"))
-    rejected_deleted = _rejected_marked_deleted(rejected_staging) if inputs.deleted else 0
-    expected = inputs.rows - n_rejected - (inputs.deleted - rejected_deleted)
-    written = sum(pq.read_metadata(f).num_rows for f in staging.glob("*.parquet"))
-    if written != expected:  # never publish a short or doubled folder
-        raise RuntimeError(f"wrote {written} rows but {expected} were valid; {staging} left for inspection")
-    seconds = time.perf_counter() - started
-    record = {"rows_written": written, "rows_rejected": n_rejected, "seconds": round(seconds, 2),
-              "rows_per_s": round(written / seconds, 1), "space": space, "kind": kind, "inputs": inputs.paths}
-    if n_rejected:  # first, so a complete `out` never lacks its rejected rows
-        rejected.commit({**record, "rejected": True})
-    else:
-        shutil.rmtree(rejected_staging)
-    staged.commit(record)
-    print(f"embedded {written} {kind} ({n_rejected} rejected) in {seconds:.1f}s "
-          f"= {written / seconds:.1f} rows/s; space {space['fingerprint']}, dim {space['dim']}; wrote {out}")
-    if n_rejected:
-        print(f"rejected rows with file, row and reason: {rejected.final}")
-    return record
 
 
 def _identity(inputs: InputFiles) -> list[tuple[str, int | None, int | None]]:
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(local_pool_cpus(cfg), log_to_driver=False)
     try:
         run_embed(cfg, model, args.input, args.kind, args.out)
-    except (DataError, OutputExists) as e:
+    except (DataError, OutputBusy, OutputExists) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -3,16 +3,22 @@
 A reader therefore sees either no folder or a complete one with its `_SUCCESS.json`. A crashed run
 leaves only the staging folder, which the next run of the same job deletes before starting cleanly.
 A finished folder whose `_SUCCESS.json` carries the same job key means there is nothing to do.
+
+One run at a time per output: `begin` takes an exclusive `flock` on a hidden lock file beside the output and
+holds it until `commit` or `release`; the kernel drops it when the process dies, so a crashed run never blocks
+the next one, while a live one makes a second run fail fast instead of deleting its staging folder. Every file,
+the staging folder and the parent are fsync'd around the rename, so a power loss cannot publish empty files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -24,6 +30,10 @@ class OutputExists(RuntimeError):
     """The output folder holds the result of a different job; we never overwrite it."""
 
 
+class OutputBusy(RuntimeError):
+    """Another live run is writing the same output folder."""
+
+
 def job_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -33,14 +43,19 @@ def file_identity(paths: list[Path]) -> list[tuple[str, int, int]]:
     return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
 
 
-@dataclass(frozen=True)
+@dataclass
 class StagedOutput:
     final: Path
     key: str
+    _lock_fd: int | None = field(default=None, init=False, repr=False)
 
     @property
     def staging(self) -> Path:
         return self.final.with_name(f".{self.final.name}.staging")
+
+    @property
+    def lock_file(self) -> Path:
+        return self.final.with_name(f".{self.final.name}.lock")
 
     def finished(self) -> dict | None:
         """The success record if `final` already holds this job's output; raise if it holds another's."""
@@ -54,7 +69,8 @@ class StagedOutput:
         return record
 
     def begin(self) -> Path:
-        """A clean, empty staging folder (leftovers of a crashed run are removed)."""
+        """Take the output's lock, then give a clean, empty staging folder (a dead run's leftovers are removed)."""
+        self.lock()
         if self.staging.exists():
             logger.warning("removing the leftovers of an unfinished run in %s", self.staging)
             shutil.rmtree(self.staging)
@@ -62,8 +78,46 @@ class StagedOutput:
         return self.staging
 
     def commit(self, record: dict) -> Path:
-        """Write the success record and make the folder visible in one rename."""
+        """Write the success record, make everything durable, and make the folder visible in one rename."""
         (self.staging / SUCCESS).write_text(json.dumps({**record, "job_key": self.key}, indent=2, default=str))
+        _fsync_tree(self.staging)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(self.staging, self.final)
+        _fsync(self.final.parent)  # the rename itself
+        self.release()
         return self.final
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+    def lock(self) -> None:
+        """Take the output's exclusive lock (kept until commit or release); OutputBusy if a live run holds it."""
+        if self._lock_fd is not None:
+            return
+        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputBusy(f"another run is writing {self.final} (it holds {self.lock_file}); wait for it to "
+                             "finish or choose another output folder") from None
+        self._lock_fd = fd
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file, then every folder bottom-up, so each directory entry points at durable data."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))

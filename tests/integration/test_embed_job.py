@@ -120,23 +120,28 @@ def _embed_cmd(model: Path, src: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.reliability
-def test_killed_job_leaves_no_output_and_the_rerun_is_exactly_once(ray_cluster, tiny_bert_dir, tmp_path):
-    write_ads(tmp_path / "ads.parquet", n=200)
+def test_killed_job_leaves_no_output_and_the_rerun_is_exactly_once(ray_cluster, tiny_bert_dir, tmp_path,
+                                                                   record_property):
+    n = 2000  # ~30 blocks of 64 rows: the job writes Parquet for a while, so a kill can land mid-write
+    write_ads(tmp_path / "ads.parquet", n=n)
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
     cmd = _embed_cmd(tiny_bert_dir, tmp_path / "ads.parquet", tmp_path / "out")
-    # When the job is killed once it has started writing its staging folder
+    # When the job is killed once its staging folder holds Parquet, while it is still running
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / ".out.staging").exists() and proc.poll() is None and time.monotonic() < deadline:
+    staging, deadline = tmp_path / ".out.staging", time.monotonic() + 300
+    while not list(staging.glob("*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    written = len(list(staging.glob("*.parquet")))
+    assert proc.poll() is None and written, "the kill must land while the job is writing Parquet"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # Then no output folder is visible, and a rerun gives every id exactly once
     assert not (tmp_path / "out").exists()
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
     ids, _, _ = read_embeddings(tmp_path / "out")
-    assert len(ids) == len(set(ids)) == 200
+    assert len(ids) == len(set(ids)) == n
+    record_property("parquet_files_when_killed", written)
 
 
 def checkout_with_a_later_hlm_change(tmp_path: Path) -> tuple[Path, Path]:

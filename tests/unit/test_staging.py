@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hlm.staging import SUCCESS, OutputExists, StagedOutput, file_identity, job_key
+from hlm.staging import SUCCESS, OutputBusy, OutputExists, StagedOutput, file_identity, job_key
 
 
 def staged(tmp_path: Path, key: str = "key-1") -> StagedOutput:
@@ -57,7 +57,7 @@ def test_commit_publishes_the_folder_with_its_success_record(tmp_path: Path) -> 
     assert (final / "part-0.parquet").read_bytes() == b"data"
     assert json.loads((final / SUCCESS).read_text()) == {"rows": 3, "rejected": 0, "job_key": "key-1"}
     assert not out.staging.exists()
-    assert sorted(p.name for p in final.parent.iterdir()) == ["ads-emb"]
+    assert sorted(p.name for p in final.parent.iterdir()) == [".ads-emb.lock", "ads-emb"]  # the lock file stays
 
 
 def test_finished_returns_the_record_for_the_same_job(tmp_path: Path) -> None:
@@ -130,3 +130,24 @@ def test_file_identity_records_resolved_path_size_and_mtime(tmp_path: Path) -> N
     os.utime(data, ns=(5, 7))
 
     assert file_identity([tmp_path / "." / "q.parquet"]) == [(str(data.resolve()), 5, 7)]
+
+
+def test_a_second_run_into_the_same_output_is_refused_and_leaves_the_first_runs_staging_alone(tmp_path: Path) -> None:
+    # Given a run writing its staging folder
+    first = staged(tmp_path)
+    (first.begin() / "part-0.parquet").write_bytes(b"first run")
+    # When a second run of the same job starts on the same output
+    with pytest.raises(OutputBusy, match="another run is writing"):
+        staged(tmp_path).begin()
+    # Then the first run's files are intact and it commits; afterwards the output is free again
+    assert (first.staging / "part-0.parquet").read_bytes() == b"first run"
+    first.commit({"rows_written": 1})
+    assert staged(tmp_path).finished() == {"rows_written": 1, "job_key": "key-1"}
+    staged(tmp_path, key="key-1").lock()
+
+
+def test_a_dead_runs_lock_does_not_block_the_next_run(tmp_path: Path) -> None:
+    dead = staged(tmp_path)
+    (dead.begin() / "part-0.parquet").write_bytes(b"half")
+    dead.release()  # what the kernel does when the process dies
+    assert list(staged(tmp_path).begin().iterdir()) == []
