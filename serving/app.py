@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 from fastapi import FastAPI, HTTPException
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import SecretStr
 from ray import serve
 from ray.exceptions import RayActorError
@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from hlm.api import (
     API_KEY_ENV,
     ApiKeyMiddleware,
+    BodyLimitMiddleware,
     EmbedRequest,
     EmbedResponse,
     SearchRequest,
@@ -96,6 +97,7 @@ class QueryEncoder:
 
 api = FastAPI(title="HLM retrieval", description="Student query encoder against a teacher-built ad index.")
 api.add_middleware(ApiKeyMiddleware)
+api.add_middleware(BodyLimitMiddleware)  # added last, so it runs first: a 413 before anything reads the body
 
 
 @serve.deployment
@@ -153,7 +155,8 @@ class Api:
         except TimeoutError as e:
             raise _encoder_timed_out(self.downstream_timeout_s) from e
         except StoreError as e:  # nothing loaded yet: the service is not ready, the request was fine
-            raise _unavailable(str(e)) from e
+            logger.warning("search answered 503: %s (index status %s)", e, self.live.status())
+            raise _unavailable("no index version is loaded on this replica yet, retry") from e
         model_version = (await self._model_info())["model_version"]
         return Response(search_response_json(hits, version, model_version), media_type="application/json")
 
@@ -165,9 +168,11 @@ class Api:
                              model_version=info["model_version"])
 
     @api.get("/v1/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self) -> JSONResponse:
+        """200 when a version is loaded, else 503: probes and load balancers read the status code, not the body."""
         version = self.live.status()["version"]
-        return {"ok": version is not None, "index_version": version}
+        return JSONResponse({"ok": version is not None, "index_version": version},
+                            status_code=200 if version is not None else 503)
 
     @api.get("/v1/index")
     async def index_status(self) -> dict:

@@ -20,13 +20,25 @@ import os
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 MAX_QUERY_CHARS = 512
 MAX_K = 1000
 MAX_EMBED_BATCH = 256
+# The largest valid body is an /v1/embed batch of MAX_EMBED_BATCH full-length queries, JSON-escaped (≤ 6 bytes a
+# character for \uXXXX); anything larger is refused before it is read into memory.
+MAX_BODY_BYTES = 6 * MAX_QUERY_CHARS * MAX_EMBED_BATCH + 4096
 
-QueryText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUERY_CHARS)]
+
+def _raw_length(text: object) -> object:
+    # Before stripping: pydantic strips first, so padding would pass a max_length checked afterwards.
+    if isinstance(text, str) and len(text) > MAX_QUERY_CHARS:
+        raise ValueError(f"String should have at most {MAX_QUERY_CHARS} characters (whitespace included)")
+    return text
+
+
+QueryText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUERY_CHARS),
+                      BeforeValidator(_raw_length)]
 
 
 class SearchRequest(BaseModel):
@@ -128,10 +140,52 @@ class ApiKeyMiddleware:
             headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
             problem = api_key_problem(expected, headers.get("authorization"), headers.get("x-api-key"))
             if problem:
-                body = json.dumps({"detail": problem}).encode()
-                await send({"type": "http.response.start", "status": 401, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer")]})
-                await send({"type": "http.response.body", "body": body})
+                await _send_json(send, 401, problem, [(b"www-authenticate", b"Bearer")])
                 return
         await self.app(scope, receive, send)
+
+
+async def _send_json(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI: a 413 for a body over ``MAX_BODY_BYTES``, from its Content-Length before reading it, or as soon as
+    a chunked body's bytes pass the limit (the app then sees the client go away), so an oversized request never
+    sits whole in a replica's memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_big = f"request body over {self.max_bytes} bytes"
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _send_json(send, 413, too_big)
+            return
+        seen, refused = 0, False
+
+        async def counted_receive() -> dict:
+            nonlocal seen, refused
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes and not refused:
+                refused = True
+                await _send_json(send, 413, too_big)
+            return {"type": "http.disconnect"} if refused else message
+
+        async def guarded_send(message: dict) -> None:
+            if not refused:  # after the 413 the app's own answer (to a "disconnected" client) goes nowhere
+                await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise

@@ -62,6 +62,9 @@ class AppArgs(BaseModel):
                                        "see hlm.deployment.DEFAULT_CPUS)")
     threads: int | None = Field(None, ge=1, description="torch, tokenizer and FAISS threads per replica "
                                 "(default: the replica's whole CPUs, at least 1)")
+    max_queued_requests: int = Field(64, ge=1, description="requests a caller may queue per deployment beyond "
+                                     "max_ongoing_requests before Serve answers 503 (Serve's default is unbounded: "
+                                     "an overload then turns into timeouts and memory growth instead)")
     access_log: bool = Field(False, description="one log line per request in the replica logs (costly under load)")
     downstream_timeout_s: float = Field(10, gt=0, description=(
         "split: a batch no encoder replica answers in time (all restarting) is a 503 for its requests"))
@@ -102,12 +105,14 @@ def deployment_options(args: AppArgs) -> dict[str, dict]:
     so its ``max_ongoing_requests`` covers every Api replica's batch and an /v1/embed call each."""
     logs = {"enable_access_log": args.access_log}
     api = {"autoscaling_config": _autoscaling(args, args.target), "max_ongoing_requests": int(2 * args.target),
+           "max_queued_requests": args.max_queued_requests,
            "ray_actor_options": _actor(args, "Api", on_gpu=args.topology is Topology.one_hop),
            "logging_config": logs}
     if args.topology is Topology.one_hop:
         return {"Api": api}
     encoder = {"autoscaling_config": _autoscaling(args, ENCODER_TARGET_CALLS),
                "max_ongoing_requests": 2 * args.max_replicas + ENCODER_TARGET_CALLS,
+               "max_queued_requests": args.max_queued_requests,
                "ray_actor_options": _actor(args, "QueryEncoder", on_gpu=True), "logging_config": logs}
     return {"Api": api, "QueryEncoder": encoder}
 

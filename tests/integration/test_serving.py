@@ -96,6 +96,19 @@ def secured_url(app_url, own_redis, tiny_bert_dir):
     serve.delete("hlm-secured")
 
 
+@pytest.fixture(scope="module")
+def empty_url(app_url, own_redis, tiny_bert_dir):
+    """An app whose index has no published version, beside the open one."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.run(build_app({**SMALL, "student": {"model": str(tiny_bert_dir)}, "redis_url": own_redis["url"],
+                         "index": "nothing-published"}), name="hlm-empty", route_prefix="/empty")
+    yield f"{app_url}/empty"
+    serve.delete("hlm-empty")
+
+
 def search(url: str, query: str, k: int = 5) -> requests.Response:
     return requests.post(f"{url}/v1/search", json={"query": query, "k": k}, timeout=30)
 
@@ -180,6 +193,26 @@ def test_index_status_reports_version_space_and_count(app_url, encoder):
     status = requests.get(f"{app_url}/v1/index", timeout=30).json()
     assert status["space"] == encoder.space and status["count"] == len(ADS) and status["version"]
     assert requests.get(f"{app_url}/v1/healthz", timeout=30).json()["ok"] is True
+
+
+@pytest.mark.reliability
+def test_with_no_loadable_index_the_replica_is_up_and_answers_short_503s(empty_url):
+    health = requests.get(f"{empty_url}/v1/healthz", timeout=30)
+    assert health.status_code == 503 and health.json() == {"ok": False, "index_version": None}
+    response = search(empty_url, QUERIES[0])
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert response.json() == {"detail": "no index version is loaded on this replica yet, retry"}
+
+
+@pytest.mark.reliability
+def test_padding_and_oversized_bodies_are_4xx_before_any_work(app_url):
+    padded = search(app_url, " " * 600 + "drill")
+    assert padded.status_code == 422 and "at most 512 characters" in padded.text
+    from hlm.api import MAX_BODY_BYTES
+
+    huge = requests.post(f"{app_url}/v1/embed", data=b'{"queries": ["' + b"x" * MAX_BODY_BYTES + b'"]}',
+                         headers={"content-type": "application/json"}, timeout=30)
+    assert huge.status_code == 413
 
 
 @pytest.mark.reliability

@@ -37,7 +37,7 @@ def test_the_shipped_deployments_entries_are_the_options_computed_from_their_arg
 CPU_API = {
     "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32,
                            "upscale_delay_s": 10.0, "downscale_delay_s": 120.0, "look_back_period_s": 30.0},
-    "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 1, "num_gpus": 0},
+    "max_ongoing_requests": 64, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 1, "num_gpus": 0},
     "logging_config": {"enable_access_log": False}}
 
 
