@@ -6,7 +6,9 @@ the events channel only wakes the thread early. A new version is loaded, verifie
 so a request sees either the old or the new index, never a mix. While loading, when Redis is
 unreachable, or when a version is refused (another space, bytes that fail their sha256, a missing chunk
 or manifest, bytes FAISS cannot read: any failure but Redis being unavailable), the replica keeps serving what
-it has and does not fetch the refused version again.
+it has and does not fetch the refused version again. A version that would not fit in memory beside the served
+one is not fetched (the replica says so in its status and retries on the next poll); a replica whose first
+load fails serves 503s with a reason and stays up, instead of crash-looping.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import redis
 
 from hlm.index import AdIndex
+from hlm.memory import available_memory_bytes
 from hlm.store import IndexStore, StoreError, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -43,8 +46,10 @@ class RefreshState:
 
 
 class LiveIndex:
-    def __init__(self, store: IndexStore, expected_space: str, *, poll_s: float = 2.0):
+    def __init__(self, store: IndexStore, expected_space: str, *, poll_s: float = 2.0,
+                 available_memory: Callable[[], int] = available_memory_bytes):
         self.store, self.expected_space, self.poll_s = store, expected_space, poll_s
+        self.available_memory = available_memory
         self.snapshot: Snapshot | None = None
         self.state = RefreshState()
         self._wake = threading.Event()
@@ -97,6 +102,10 @@ class LiveIndex:
                 return False
             if self.snapshot is not None and version == self.snapshot.version:
                 return False
+            if short := self._short_of_memory(version):
+                self.state.last_error = short
+                logger.error("%s; still serving %s", short, self._serving())
+                return False
             index = self.store.load(version, expected_space=self.expected_space)
         except (StoreUnavailable, redis.RedisError) as e:  # Redis trouble: transient, retried on the next poll
             self.state.last_error = str(e)
@@ -113,6 +122,17 @@ class LiveIndex:
         self.state.last_error = None
         logger.info("serving %s version %s (%d ads)", self.store.name, version, index.ntotal)
         return True
+
+    def _short_of_memory(self, version: str) -> str | None:
+        """Why ``version`` cannot be loaded beside the one served now, or None. A load holds the fetched bytes and
+        FAISS's copy of them while the served index is still referenced (~2x its size more); over the pod's limit
+        the replica would be OOM-killed and restart into the same load. Not a refusal: memory may free up."""
+        need = 2 * self.store.manifest(version)["size"]
+        free = self.available_memory()
+        if need <= free:
+            return None
+        return (f"not enough memory to load {self.store.name} version {version}: it needs about {need / 2**20:.0f} "
+                f"MiB, {free / 2**20:.0f} MiB are available")
 
     def _serving(self) -> str | None:
         return self.snapshot.version if self.snapshot else None
@@ -145,6 +165,9 @@ class LiveIndex:
                 pubsub.subscribe(self.store.channel)
                 while not self._stop.is_set():
                     if pubsub.get_message(timeout=1.0) is not None:
+                        # Every replica hears the hint at once: a random delay up to one poll staggers their loads,
+                        # so they neither hit their memory peak together nor fetch from Redis together.
+                        self._stop.wait(self.poll_s * np.random.random())
                         self._wake.set()
             except redis.RedisError:
                 self._stop.wait(self.poll_s)  # the poll loop is the source of truth; retry the hint later

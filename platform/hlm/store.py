@@ -296,24 +296,9 @@ class IndexStore:
         what = f"index {self.name} version {version}"
         if expected_space is not None:
             check_same_space(expected_space, manifest["space"], what)
-        n = manifest["n_chunks"]
-        with _redis_errors(f"loading {what}"):
-            pipe = self.client.pipeline(transaction=False)
-            for i in range(n):
-                pipe.get(self.chunk_key(version, i))
-            pipe.get(self.ids_key(version))
-            *chunks, ids_blob = pipe.execute()
-        missing = [i for i, c in enumerate(chunks) if c is None]
-        if missing or ids_blob is None:
-            lost = f"chunk(s) {missing} of {n}" if missing else "the ad ids"
-            raise IntegrityError(f"{what}: {lost} missing from Redis")
-        if (sha := _sha256(chunks)) != manifest["sha256"]:
-            raise IntegrityError(f"{what}: sha256 of its {n} chunk(s) is {sha}, the manifest says "
-                                 f"{manifest['sha256']}; refusing to deserialise")
-        if _sha256([ids_blob]) != manifest["ids_sha256"]:
-            raise IntegrityError(f"{what}: the ad ids do not match the manifest's ids_sha256")
+        blob, ids_blob = self._fetch(version, manifest, what)
         try:
-            index = AdIndex.from_bytes(b"".join(chunks), ids_blob)
+            index = AdIndex.from_bytes(blob, ids_blob)
         except (RuntimeError, ValueError) as e:  # FAISS raises RuntimeError for bytes it cannot read
             raise IntegrityError(f"{what}: passed its sha256 but could not be deserialised (written by faiss "
                                  f"{manifest.get('faiss_version', 'unknown')}, this is faiss {faiss.__version__}): "
@@ -322,6 +307,39 @@ class IndexStore:
             raise IntegrityError(f"{what}: holds {index.ntotal}×{index.dim} in space {index.space}, the manifest "
                                  f"says {manifest['count']}×{manifest['dim']} in space {manifest['space']}")
         return index
+
+    def _fetch(self, version: str, manifest: dict, what: str) -> tuple[bytearray, bytes]:
+        """The index bytes, one chunk at a time into one preallocated buffer (peak ≈ one copy plus one chunk,
+        not the chunk list plus their join), sha256-checked; then the ids. The manifest's sizes are checked
+        against each other first, so a bad manifest cannot make this allocate or fetch without bound."""
+        size, n, chunk = manifest["size"], manifest["n_chunks"], manifest["chunk_bytes"]
+        if not (isinstance(size, int) and isinstance(n, int) and isinstance(chunk, int) and 0 < chunk <= REDIS_MAX_VALUE
+                and size >= 0 and n == -(-size // chunk)):
+            raise IntegrityError(f"{what}: the manifest's size {size!r}, n_chunks {n!r} and chunk_bytes {chunk!r} "
+                                 "do not agree; refusing to fetch")
+        buffer, h, pos, missing = bytearray(size), hashlib.sha256(), 0, []
+        with _redis_errors(f"loading {what}"):
+            for i in range(n):
+                part = self.client.get(self.chunk_key(version, i))
+                if part is None:
+                    missing.append(i)
+                    continue
+                if len(part) != min(chunk, size - i * chunk):
+                    raise IntegrityError(f"{what}: chunk {i} holds {len(part)} bytes, the manifest implies "
+                                         f"{min(chunk, size - i * chunk)}")
+                buffer[pos:pos + len(part)] = part
+                h.update(part)
+                pos += len(part)
+            ids_blob = self.client.get(self.ids_key(version))
+        if missing or ids_blob is None:
+            lost = f"chunk(s) {missing} of {n}" if missing else "the ad ids"
+            raise IntegrityError(f"{what}: {lost} missing from Redis")
+        if (sha := h.hexdigest()) != manifest["sha256"]:
+            raise IntegrityError(f"{what}: sha256 of its {n} chunk(s) is {sha}, the manifest says "
+                                 f"{manifest['sha256']}; refusing to deserialise")
+        if _sha256([ids_blob]) != manifest["ids_sha256"]:
+            raise IntegrityError(f"{what}: the ad ids do not match the manifest's ids_sha256")
+        return buffer, ids_blob
 
     def is_complete(self, version: str) -> bool:
         """Manifest, every chunk and the ids are present (cheap EXISTS; ``load`` also checks the bytes)."""
