@@ -64,8 +64,7 @@ def run_embed(cfg: Config, model: ModelRef, input_path: str | Path, kind: InputK
         shutil.rmtree(rejected.final, ignore_errors=True)  # a crashed run's: `out` itself is not there yet
         _write_embeddings(cfg, model, inputs, kind, space, staging, rejected_staging)
         n_rejected = sum(pq.read_metadata(f).num_rows for f in rejected_staging.glob("*.parquet"))
-        rejected_deleted = _rejected_marked_deleted(rejected_staging) if inputs.deleted else 0
-        expected = inputs.rows - n_rejected - (inputs.deleted - rejected_deleted)
+        expected = inputs.rows - n_rejected - inputs.deleted  # deleted rows are dropped before validation
         written = sum(pq.read_metadata(f).num_rows for f in staging.glob("*.parquet"))
         if written != expected:  # never publish a short or doubled folder
             raise RuntimeError(f"wrote {written} rows but {expected} were valid; {staging} left for inspection")
@@ -120,13 +119,6 @@ def _write_embeddings(cfg: Config, model: ModelRef, inputs: InputFiles, kind: In
 def _identity(inputs: InputFiles) -> list[tuple[str, int | None, int | None]]:
     """(path, size, mtime_ns) of each input: a changed input file makes a new job key."""
     return [(info.path, info.size, info.mtime_ns) for info in inputs.filesystem.get_file_info(inputs.paths)]
-
-
-def _rejected_marked_deleted(folder: Path) -> int:
-    """Rejected rows that were also marked deleted: `input_files` counted them among the deleted rows."""
-    tables = [pq.read_table(f) for f in folder.glob("*.parquet")]
-    return sum(int(t.column("deleted").fill_null(False).to_numpy(zero_copy_only=False).sum())
-               for t in tables if "deleted" in t.column_names)
 
 
 def _fit_actor_pool(actors: int, cpus: float, gpus: float) -> int:

@@ -112,28 +112,35 @@ def _first_uncastable_row(col: pa.ChunkedArray, type_: pa.DataType) -> int | Non
     return None
 
 
-def find_problems(table: pa.Table, contract: Contract, first_row: int = 0) -> list[Problem]:
+def _positions(table: pa.Table, first_row: int, positions: np.ndarray | None) -> np.ndarray:
+    return positions if positions is not None else np.arange(first_row, first_row + table.num_rows)
+
+
+def find_problems(table: pa.Table, contract: Contract, first_row: int = 0,
+                  positions: np.ndarray | None = None) -> list[Problem]:
     """Every row-level problem: nulls in required fields, empty text or id, duplicate ids, non-finite labels.
 
-    Rows are numbered from `first_row`: the position in its file of a slice's first row.
+    Rows are numbered from `first_row` (the position in its file of a slice's first row), or by `positions` (each
+    row's position in its file, for a table with rows filtered out).
     """
+    at = _positions(table, first_row, positions)
     problems: list[Problem] = []
     for f in contract.schema:
         col = table.column(f.name)
         for i in np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False)):
-            problems.append(Problem(first_row + int(i), f.name, "is null"))
+            problems.append(Problem(int(at[i]), f.name, "is null"))
         if pa.types.is_string(f.type):
             stripped = pc.utf8_trim_whitespace(col)
             empty = pc.fill_null(pc.equal(pc.utf8_length(stripped), 0), False).to_numpy(zero_copy_only=False)
-            problems += [Problem(first_row + int(i), f.name, "is empty") for i in np.flatnonzero(empty)]
+            problems += [Problem(int(at[i]), f.name, "is empty") for i in np.flatnonzero(empty)]
         elif pa.types.is_floating(f.type):
             values = col.to_numpy(zero_copy_only=False)
             bad = ~np.isfinite(values) & ~col.is_null().to_numpy(zero_copy_only=False)
-            problems += [Problem(first_row + int(i), f.name, f"is not a finite number ({values[i]})")
+            problems += [Problem(int(at[i]), f.name, f"is not a finite number ({values[i]})")
                          for i in np.flatnonzero(bad)]
     if contract.key:
         seen: dict[str, int] = {}
-        for i, key in enumerate(table.column(contract.key).to_pylist(), start=first_row):
+        for i, key in zip(at.tolist(), table.column(contract.key).to_pylist(), strict=True):
             if key is None:
                 continue
             if key in seen:
@@ -154,22 +161,23 @@ def validate(table: pa.Table, contract: Contract, source: str = "<table>") -> pa
     return table
 
 
-def split_valid(table: pa.Table, contract: Contract, source: str = "<table>",
-                first_row: int = 0) -> tuple[pa.Table, pa.Table]:
+def split_valid(table: pa.Table, contract: Contract, source: str = "<table>", first_row: int = 0,
+                positions: np.ndarray | None = None) -> tuple[pa.Table, pa.Table]:
     """(valid rows, rejected rows with `_row` and `_reason` columns). Column/type errors still raise.
 
-    `_row` counts from `first_row`, the position in its file of the slice's first row.
+    `_row` counts from `first_row`, the position in its file of the slice's first row, or is taken from `positions`.
     """
     table = _conform(table, contract, source)
-    problems = find_problems(table, contract, first_row)
+    at = _positions(table, first_row, positions)
+    index_of = {int(p): i for i, p in enumerate(at)}
     bad_rows: dict[int, list[str]] = {}
-    for p in problems:
-        bad_rows.setdefault(p.row - first_row, []).append(f"{p.field} {p.reason}")
+    for p in find_problems(table, contract, positions=at):
+        bad_rows.setdefault(index_of[p.row], []).append(f"{p.field} {p.reason}")
     mask = np.ones(table.num_rows, dtype=bool)
     mask[list(bad_rows)] = False
     rows = sorted(bad_rows)
     rejected = table.take(pa.array(rows, pa.int64())).append_column(
-        "_row", pa.array([first_row + r for r in rows], pa.int64()))
+        "_row", pa.array([int(at[r]) for r in rows], pa.int64()))
     rejected = rejected.append_column("_reason", pa.array(["; ".join(bad_rows[r]) for r in rows], pa.string()))
     return table.filter(pa.array(mask)), rejected
 

@@ -83,15 +83,21 @@ def split_rows(table: pa.Table, kind: InputKind, source: str, first_row: int,
                seen: set[str]) -> tuple[pa.Table, pa.Table]:
     """Rows `first_row`… of the file `source` → (valid `(id, text)`, rejected rows with `_file`, `_row`, `_reason`).
 
-    Ads marked deleted are dropped after validation (they are neither embedded nor rejected). An id in `seen` (from an
-    earlier file or slice) is a duplicate; the valid ids are added to `seen`.
+    The one rule for every job that reads ads (`pipelines.embed` through `ValidateRows`, the refresh through
+    `hlm.refresh.read_catalogue`): rows marked ``deleted: true`` are dropped *before* validation, so they are
+    neither embedded, rejected nor counted as seen; a null flag is live. A deleted ad's other fields do not
+    matter, and in the refresh a rejected row keeps its ad's previous version, so validating deleted rows first
+    would keep a deleted ad whose export blanked its text in the index forever. An id in `seen` (from an earlier
+    file or slice) is a duplicate; the valid ids are added to `seen`.
     """
     contract = CONTRACT_OF[kind]
-    good, bad = split_valid(table, contract, source, first_row)
-    positions = np.arange(first_row, first_row + table.num_rows)
+    check_schema(table.schema, contract, source)  # a wrong `deleted` type is a DataError naming the file, not a cast
+    positions = np.arange(first_row, first_row + table.num_rows)  # each row's place in its file
+    if kind == "ads" and "deleted" in table.column_names:
+        live = pc.invert(pc.fill_null(table.column("deleted").cast(pa.bool_()), False))
+        table, positions = table.filter(live), positions[live.to_numpy(zero_copy_only=False)]
+    good, bad = split_valid(table, contract, source, positions=positions)
     good = good.append_column("_row", pa.array(positions[~np.isin(positions, bad.column("_row").to_numpy())]))
-    if kind == "ads" and "deleted" in good.column_names:
-        good = good.filter(pc.invert(pc.fill_null(good.column("deleted"), False)))
     ids = good.column(contract.key).to_pylist()
     dup = np.array([i in seen for i in ids], dtype=bool)
     seen.update(ids)

@@ -31,14 +31,11 @@ import pyarrow.parquet as pq
 
 from hlm.config import Config, ConfigError, RefreshJob
 from hlm.data import (
-    ADS,
-    parquet_files,
     qrels_from_labels,
     read_embeddings,
     read_labels,
-    read_parquet,
-    split_valid,
 )
+from hlm.embedding import input_files, validate_inputs
 from hlm.encoder import space_of
 from hlm.evaluation import retrieval_quality
 from hlm.gate import GateResult, ann_recall, gate
@@ -107,26 +104,10 @@ class Record:
 
 
 def read_catalogue(path: str | Path) -> tuple[pa.Table, pa.Table]:
-    """(valid live rows: ad_id, text; rejected: _file, _row (position in its file), ad_id, _reason)."""
-    valid, rejected, seen = [], [], set()
-    for f in parquet_files(path):
-        table = read_parquet(f)
-        table = table.append_column("_pos", pa.array(np.arange(table.num_rows), pa.int64()))
-        if "deleted" in table.column_names:
-            table = table.filter(pc.invert(pc.fill_null(table.column("deleted").cast(pa.bool_()), False)))
-        good, bad = split_valid(table, ADS, str(f))
-        dup = np.array([a in seen for a in good.column("ad_id").to_pylist()], dtype=bool)
-        seen.update(good.column("ad_id").to_pylist())
-        bad = bad.select(["_pos", "ad_id", "_reason"])
-        if dup.any():
-            again = good.filter(pa.array(dup)).select(["_pos", "ad_id"])
-            bad = pa.concat_tables([bad, again.append_column("_reason", pa.array(
-                ["ad_id duplicate id seen in an earlier file"] * again.num_rows, pa.string()))])
-            good = good.filter(pa.array(~dup))
-        valid.append(good.select(["ad_id", "text"]))
-        rejected.append(bad.rename_columns(["_row", "ad_id", "_reason"]).add_column(
-            0, "_file", pa.array([str(f)] * bad.num_rows, pa.string())))
-    return pa.concat_tables(valid), pa.concat_tables(rejected)
+    """(valid live rows: ad_id, text; rejected: _file, _row (position in its file), ad_id, _reason), by the rule the
+    embed job applies (`hlm.embedding.split_rows`: deleted rows are dropped before validation)."""
+    read = validate_inputs(path, "ads")
+    return read.rows.rename_columns(["ad_id", "text"]), read.rejected.select(["_file", "_row", "ad_id", "_reason"])
 
 
 def read_previous(store: IndexStore) -> Previous:
@@ -148,7 +129,7 @@ def plan(rows: pa.Table, rejected: pa.Table, previous: Previous) -> Plan:
 
 def export_rows(path: str | Path) -> int:
     """Rows in every Parquet file of the export (live, deleted and rejected alike), from the footers."""
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(path))
+    return input_files(path, "ads").rows
 
 
 def shrink_guard(job: RefreshJob, p: Plan, previous: Previous) -> list[str]:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hlm.data import read_embeddings, write_embeddings
@@ -41,9 +40,7 @@ class State:
 
 
 def text_hashes(ads: pa.Table) -> dict[str, str]:
-    """ad_id -> sha256 of its text, in table order; rows with ``deleted: true`` are left out."""
-    if "deleted" in ads.column_names:
-        ads = ads.filter(pc.invert(pc.fill_null(ads.column("deleted").cast(pa.bool_()), False)))
+    """ad_id -> sha256 of its text, in table order (live rows: `read_catalogue` has dropped the deleted ones)."""
     return {a: hashlib.sha256(t.encode()).hexdigest()
             for a, t in zip(ads.column("ad_id").to_pylist(), ads.column("text").to_pylist(), strict=True)}
 

@@ -182,3 +182,27 @@ def test_embed_job_under_ray_job_submit_runs_the_submitted_hlm(ray_cluster, tiny
     client = JobSubmissionClient(ray_cluster["dashboard"])
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED
     assert "embedded 30 ads" in client.get_job_logs(job_id)
+
+
+def test_the_embed_job_and_the_refresh_read_a_catalogue_by_one_rule(ray_cluster, tiny_bert_dir, tmp_path):
+    # Given a catalogue with a deleted ad whose text is null, a deleted ad repeated live in a later file, a null text
+    # and a live duplicate
+    (tmp_path / "ads").mkdir()
+    pq.write_table(pa.table({"ad_id": ["a", "gone", "b", "c", "b"], "text": ["drill", None, "lamp", None, "again"],
+                             "deleted": [False, True, False, False, False]}), tmp_path / "ads" / "part-0.parquet")
+    pq.write_table(pa.table({"ad_id": ["d", "e"], "text": ["door", "paint"], "deleted": [True, None]}),
+                   tmp_path / "ads" / "part-1.parquet")
+    pq.write_table(pa.table({"ad_id": ["d"], "text": ["door again"], "deleted": [False]}),
+                   tmp_path / "ads" / "part-2.parquet")
+    # When the Ray Data embed job and the refresh's reader read it
+    from hlm.refresh import read_catalogue
+
+    run_embed(job_config(16, 1), ModelRef(model=str(tiny_bert_dir)), tmp_path / "ads", "ads", tmp_path / "out")
+    ids, _, _ = read_embeddings(tmp_path / "out")
+    job_rejected = pq.read_table(tmp_path / "out.rejected").to_pylist()
+    rows, rejected = read_catalogue(tmp_path / "ads")
+    # Then both keep the same ads and reject the same rows for the same reasons; deleted rows are neither
+    assert sorted(ids) == sorted(rows.column("ad_id").to_pylist()) == ["a", "b", "d", "e"]
+    assert sorted((Path(r["_file"]).name, r["_row"], r["_reason"]) for r in job_rejected) == sorted(
+        (Path(r["_file"]).name, r["_row"], r["_reason"]) for r in rejected.to_pylist()) == [
+        ("part-0.parquet", 3, "text is null"), ("part-0.parquet", 4, "ad_id duplicate id 'b' (first at row 2)")]

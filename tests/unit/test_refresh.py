@@ -37,9 +37,10 @@ def test_diff_finds_new_changed_deleted_and_unchanged_ads() -> None:
     assert d.to_embed == ["d", "a"]
 
 
-def test_a_row_flagged_deleted_counts_as_deleted_and_a_null_flag_as_live() -> None:
+def test_a_row_flagged_deleted_counts_as_deleted_and_a_null_flag_as_live(tmp_path: Path) -> None:
     previous = text_hashes(ads(["a", "b", "c"], ["drill", "lamp", "door"]))
-    current = text_hashes(ads(["a", "b", "c"], ["drill", "lamp", "door"], deleted=[False, True, None]))
+    pq.write_table(ads(["a", "b", "c"], ["drill", "lamp", "door"], deleted=[False, True, None]), tmp_path / "a.parquet")
+    current = text_hashes(read_catalogue(tmp_path / "a.parquet")[0])
     d = diff(current, previous)
     assert (d.new, d.changed, d.deleted, d.unchanged) == ([], [], ["b"], ["a", "c"])
 
@@ -59,15 +60,15 @@ def test_text_hashes_are_sha256_of_the_text() -> None:
 
 
 def test_read_catalogue_reports_bad_rows_with_their_row_in_the_file(tmp_path: Path) -> None:
-    # Given a file where a deleted row comes before a null text (the row number must still be the file's)
-    pq.write_table(ads(["a", "b", "c", "a"], ["x", "gone", None, "dup"], deleted=[False, True, False, False]),
+    # Given a file where a deleted row with a null text comes before a null text (row numbers must be the file's)
+    pq.write_table(ads(["a", "b", "c", "a"], ["x", None, None, "dup"], deleted=[False, True, False, False]),
                    tmp_path / "ads.parquet")
     # When
     rows, rejected = read_catalogue(tmp_path / "ads.parquet")
-    # Then
+    # Then the deleted row is neither kept nor rejected
     assert rows.column("ad_id").to_pylist() == ["a"]
-    assert [(r["_row"], r["ad_id"]) for r in rejected.to_pylist()] == [(2, "c"), (3, "a")]
-    assert rejected.column("_reason").to_pylist()[0] == "text is null"
+    assert [(r["_row"], r["ad_id"], r["_reason"]) for r in rejected.to_pylist()] == [
+        (2, "c", "text is null"), (3, "a", "ad_id duplicate id 'a' (first at row 0)")]
 
 
 # ------------------------------------------------------------------------------------------------ merge
