@@ -36,7 +36,8 @@ import numpy as np
 
 from bench.common import local_redis, save_figure, write_result
 from hlm.index import AdIndex
-from hlm.store import IndexStore, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore
 
 logger = logging.getLogger(__name__)
 

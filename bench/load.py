@@ -35,7 +35,8 @@ from hlm.catalog import generate_catalog
 from hlm.cli import setup_logging
 from hlm.encoder import Encoder
 from hlm.index import AdIndex
-from hlm.store import IndexStore, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from bench.http_load import auth_headers, client, deploy, drive, on_cores, serve
 from hlm.catalog import generate_catalog
 from hlm.encoder import Encoder
 from hlm.index import AdIndex
-from hlm.store import IndexStore, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore
 
 logger = logging.getLogger(__name__)
 

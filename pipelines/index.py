@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from hlm.cli import command_notes, setup_logging
-from hlm.store import IndexStore, StoreError, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore, StoreError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -19,7 +19,8 @@ from hlm.config import RefreshJob
 from hlm.data import DataError, read_embeddings
 from hlm.gate import ann_recall, gate
 from hlm.index import AdIndex
-from hlm.store import IndexStore, StoreError, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore, StoreError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,9 +44,10 @@ from hlm.phase_data import PhaseInputs, input_problem
 from hlm.pretrained import WeightsError, portable
 from hlm.pruning import num_layers, prune_layers
 from hlm.recipe import RecipeConfig, phase_job
+from hlm.redis_client import redis_client
 from hlm.space import SpaceMismatch
 from hlm.stages import Stage, StageResult, run_stages, stage_table
-from hlm.store import IndexStore, redis_client
+from hlm.store import IndexStore
 from pipelines.embed import local_pool_cpus, rejected_folder, run_embed
 from pipelines.train import TrainingFailed, train_phase
 

@@ -39,7 +39,8 @@ from hlm.config import ModelRef, Profile, Runtime
 from hlm.deployment import AppArgs, Topology, deployment_options, replica_threads, use_threads
 from hlm.encoder import Encoder, space_of
 from hlm.live_index import LiveIndex
-from hlm.store import IndexStore, StoreError, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore, StoreError
 
 __all__ = ["AppArgs", "build_app"]  # AppArgs is imported from here by the config tests and operators' scripts
 logger = logging.getLogger("serving")

@@ -42,8 +42,9 @@ from hlm.gate import GateResult, ann_recall, gate
 from hlm.index import AdIndex
 from hlm.lease import Lease
 from hlm.metrics import PRIMARY_K, PRIMARY_METRIC
+from hlm.redis_client import redis_client
 from hlm.refresh_state import Diff, State, diff, load_state, merge_embeddings, save_state, text_hashes
-from hlm.store import IndexStore, StoreError, new_version, redis_client
+from hlm.store import IndexStore, StoreError, new_version
 
 logger = logging.getLogger(__name__)
 EmbedFn = Callable[[Path, str, Path], Path]  # (input Parquet, "ads" | "queries", output folder) -> output folder

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import secrets
 from collections.abc import Iterator
@@ -68,29 +67,6 @@ class StoreUnavailable(StoreError):
 
 
 _STARTED = object()  # publish(based_on=…) default: the `current` read when the publish starts
-
-
-def redis_client(url: str | None = None, *, password: str | None = None, ssl_ca: str | None = None) -> redis.Redis:
-    """A binary-safe client for ``url`` (else ``$HLM_REDIS_URL``, else ``redis://127.0.0.1:6379/0``).
-
-    ``password`` (else ``$HLM_REDIS_PASSWORD``) overrides one in the URL; ``rediss://`` enables TLS, verified
-    against ``ssl_ca`` (else ``$HLM_REDIS_CA``: a CA bundle path, for a private CA) or the system CAs. Socket
-    timeouts are 5 s.
-    """
-    url = url or os.environ.get("HLM_REDIS_URL") or "redis://127.0.0.1:6379/0"
-    password = password or os.environ.get("HLM_REDIS_PASSWORD") or None
-    ssl_ca = ssl_ca or (os.environ.get("HLM_REDIS_CA") if url.startswith("rediss://") else None) or None
-    kwargs: dict = {"decode_responses": False, "socket_timeout": 5.0, "socket_connect_timeout": 5.0}
-    if url.startswith("rediss://"):
-        kwargs["ssl_cert_reqs"] = "required"
-        if ssl_ca:
-            kwargs["ssl_ca_certs"] = ssl_ca
-    elif ssl_ca:
-        raise ValueError(f"ssl_ca was given but {url.split('@')[-1]!r} is not a rediss:// (TLS) URL")
-    pool = redis.ConnectionPool.from_url(url, **kwargs)
-    if password:
-        pool.connection_kwargs["password"] = password  # from_url lets the URL win; an explicit password wins here
-    return redis.Redis(connection_pool=pool)
 
 
 def new_version() -> str:

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from hlm.data import read_embeddings
-from hlm.store import IndexStore, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore
 from pipelines.refresh_index import main
 
 pytestmark = pytest.mark.integration

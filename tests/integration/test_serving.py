@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 
 from hlm.encoder import Encoder
 from hlm.index import AdIndex
-from hlm.store import IndexStore, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

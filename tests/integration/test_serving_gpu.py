@@ -9,7 +9,8 @@ import torch
 
 from hlm.encoder import Encoder
 from hlm.index import AdIndex
-from hlm.store import IndexStore, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="the gpu profile needs CUDA")]

@@ -12,8 +12,9 @@ import redis
 
 import hlm.index
 from hlm.index import AdIndex
+from hlm.redis_client import redis_client
 from hlm.space import SpaceMismatch
-from hlm.store import IndexStore, IntegrityError, PublishError, redis_client
+from hlm.store import IndexStore, IntegrityError, PublishError
 from tests.conftest import received
 
 pytestmark = pytest.mark.integration

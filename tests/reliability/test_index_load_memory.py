@@ -11,7 +11,8 @@ import pytest
 
 from hlm.index import AdIndex
 from hlm.live_index import LiveIndex
-from hlm.store import IndexStore, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 

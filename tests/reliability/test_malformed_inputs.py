@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hlm.store import IndexStore, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore
 from pipelines import embed, evaluate, publish_index, train
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]

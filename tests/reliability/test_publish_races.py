@@ -22,7 +22,8 @@ import redis
 
 from hlm.index import AdIndex
 from hlm.live_index import LiveIndex
-from hlm.store import IndexStore, PublishError, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore, PublishError
 from tests.conftest import REPO, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]

@@ -21,7 +21,8 @@ import redis
 import yaml
 
 from hlm.index import AdIndex
-from hlm.store import IndexStore, PublishError, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore, PublishError
 from tests.conftest import REPO, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from hlm.index import AdIndex
-from hlm.store import IndexStore, StoreError, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore, StoreError
 from tests.conftest import REPO, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
