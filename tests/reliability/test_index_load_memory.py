@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 import uuid
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import pytest
 from hlm.index import AdIndex
 from hlm.live_index import LiveIndex
 from hlm.redis_client import redis_client
-from hlm.store import IndexStore
+from hlm.store import IndexStore, IntegrityError
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
@@ -60,3 +61,15 @@ def test_a_version_that_does_not_fit_in_memory_is_not_fetched_and_the_replica_st
     assert not [k for k in fetched if ":chunk:" in k]
     live.available_memory = lambda: 10 * size
     assert live.refresh() is True and live.status()["version"] == version
+
+
+def test_a_manifest_whose_sizes_disagree_is_refused_before_anything_is_fetched(store: IndexStore) -> None:
+    version = store.publish(flat_index(2, n=1_000))
+    manifest = store.manifest(version) | {"n_chunks": 10**9}  # a forged or corrupted manifest
+    store.client.set(store.manifest_key(version), json.dumps(manifest))
+    fetched = []
+    real_get = store.client.get
+    store.client.get = lambda key: fetched.append(key) or real_get(key)
+    with pytest.raises(IntegrityError, match="do not agree; refusing to fetch"):
+        store.load(version)
+    assert fetched == [store.manifest_key(version)]
