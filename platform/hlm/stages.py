@@ -85,12 +85,24 @@ def run_stages(stages: Sequence[Stage], root: Path) -> list[StageResult]:
         staging = folder.with_name(f".{folder.name}.staging")
         shutil.rmtree(staging, ignore_errors=True)  # the leftovers of a killed run
         staging.parent.mkdir(parents=True, exist_ok=True)
-        record = {**stage.run(staging, dict(keys)), "job_key": key, "seconds": round(time.perf_counter() - started, 1)}
+        record = {**_relocated(stage.run(staging, dict(keys)), staging, folder), "job_key": key,
+                  "seconds": round(time.perf_counter() - started, 1)}
         staging.mkdir(exist_ok=True)
         (staging / SUCCESS).write_text(json.dumps(record, indent=2, default=str))
         _replace(staging, folder)
         results.append(StageResult(stage.name, "ran", record["seconds"], folder, key, record))
     return results
+
+
+def _relocated(record: Any, staging: Path, folder: Path) -> Any:
+    """The record with paths into the staging folder pointing where the output will live after the rename."""
+    if isinstance(record, dict):
+        return {k: _relocated(v, staging, folder) for k, v in record.items()}
+    if isinstance(record, list | tuple):
+        return [_relocated(v, staging, folder) for v in record]
+    if isinstance(record, str | Path) and str(record).startswith(str(staging)):
+        return str(folder) + str(record)[len(str(staging)):]
+    return record
 
 
 def _replace(new: Path, folder: Path) -> None:

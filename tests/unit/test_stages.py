@@ -96,3 +96,15 @@ def test_recipe_overrides_are_checked_against_the_training_settings(tmp_path):
     # a stage's settings are `train` with the stage's overrides on top, as that stage's phase
     assert phase_job(cfg, "refine", "refine").lr == 0.01 and phase_job(cfg, "align", "align").lr == 0.5
     assert phase_job(cfg, "prune", "prune", prune_schedule=[1]).prune_schedule == [1]
+
+
+def test_a_stage_record_points_at_the_final_folder_not_the_staging_one(tmp_path):
+    def run(out: Path, _: dict[str, str]) -> dict:
+        (out / "model").mkdir(parents=True)
+        return {"model": str(out / "model"), "files": [out / "model" / "w.bin"], "other": "/elsewhere"}
+
+    [result] = run_stages([Stage("train", run, {})], tmp_path)
+    record = json.loads((tmp_path / "train" / SUCCESS).read_text())
+    assert record["model"] == str(tmp_path / "train" / "model") == result.record["model"]
+    assert Path(record["model"]).is_dir()
+    assert record["files"] == [str(tmp_path / "train" / "model" / "w.bin")] and record["other"] == "/elsewhere"
