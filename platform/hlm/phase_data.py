@@ -15,16 +15,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from hlm.config import TrainJob
-from hlm.data import DataError, read_ads, read_embeddings, read_labels, read_queries
+from hlm.data import DataError, read_ads, read_labels, read_queries
 from hlm.index import AdIndex
 from hlm.mining import Pairs, mine_hard_negatives, positive_pairs, relevant_from_labels
-from hlm.space import check_same_space
+from hlm.space import Embeddings, check_same_space
 
 TRAIN_INPUTS = ("queries", "teacher_queries", "ads_emb", "labels", "ads")
 NEEDS = {"align": {"queries", "teacher_queries"}, "prune": {"queries", "teacher_queries"},
@@ -100,27 +100,6 @@ class PhaseData:
 
 def _take(values: Any, rows: np.ndarray) -> Any:
     return values[rows] if isinstance(values, np.ndarray) else [values[i] for i in rows]
-
-
-class Embeddings(NamedTuple):
-    ids: list[str]
-    emb: np.ndarray  # (n, D)
-    space: str  # fingerprint
-    source: Path
-    query_prompt: str  # what the model put before each query (ads get none)
-
-    @classmethod
-    def read(cls, path: Path) -> Embeddings:
-        ids, emb, meta = read_embeddings(path)
-        return cls(ids, emb, meta["fingerprint"], path, meta.get("query_prompt") or "")
-
-    def rows_for(self, wanted: list[str]) -> np.ndarray:
-        """Rows for `wanted` ids, in that order: (len(wanted), D); an id without an embedding names the file."""
-        row = {q: i for i, q in enumerate(self.ids)}
-        if missing := [q for q in wanted if q not in row]:
-            raise DataError(f"{self.source}: no embedding for {len(missing)} of {len(wanted)} ids "
-                            f"(e.g. {missing[:3]})")
-        return self.emb[[row[q] for q in wanted]]
 
 
 def read_phase_data(job: TrainJob, inputs: PhaseInputs) -> PhaseData:

@@ -16,9 +16,8 @@ from hlm.config import Runtime
 from hlm.data import qrels_from_labels, read_ads, read_labels, read_queries
 from hlm.encoder import Encoder
 from hlm.metrics import evaluate, recovery_table, run_from_search
-from hlm.phase_data import Embeddings, PhaseInputs
-from hlm.space import check_same_space
-from hlm.train import truncated_space
+from hlm.phase_data import PhaseInputs
+from hlm.space import Embeddings, check_same_space, space_at_width, truncate
 
 
 @torch.no_grad()
@@ -66,13 +65,9 @@ def evaluate_dev(model: Path, phase: str, inputs: PhaseInputs, k: int, runtime: 
     if phase == "teacher":
         ad_table = read_ads(inputs.ads)
         ad_ids, ad_emb = ad_table["ad_id"].to_pylist(), encoder.encode(ad_table["text"].to_pylist(), kind="ad")
-    elif encoder.dim != ads.emb.shape[1]:  # truncate mode: the student's space is the teacher's first d dims
-        check_same_space(truncated_space(ads.space, encoder.dim), encoder.space, f"model {model}")
-        cut = ads.emb[:, :encoder.dim]
-        ad_ids, ad_emb = ads.ids, cut / np.linalg.norm(cut, axis=1, keepdims=True)
-    else:
-        check_same_space(ads.space, encoder.space, f"model {model}")
-        ad_ids, ad_emb = ads.ids, ads.emb
+    else:  # in truncate mode the student's space is the teacher's first d dims
+        check_same_space(space_at_width(ads.space, ads.emb.shape[1], encoder.dim), encoder.space, f"model {model}")
+        ad_ids, ad_emb = ads.ids, truncate(ads.emb, encoder.dim)
     reference = {name: v for name, v in (teacher or {}).items() if v > 0}  # recovery is undefined over a 0
     student = evaluate_retrieval(encoder.encode(texts), qids, ad_emb, ad_ids, qrels, k, teacher_metrics=reference)
     return {"dev": student, **({"dev_teacher": teacher} if teacher else {})}

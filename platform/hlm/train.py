@@ -17,7 +17,6 @@ Shapes: `q_emb (B, d)`, `ad_emb (N, d)`, hard negatives `(B, K, d)`, `scores (B,
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -28,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -39,6 +37,7 @@ from hlm.encoder import Encoder, Kind
 from hlm.lora import add_lora
 from hlm.losses import alignment_loss, contrastive_loss, l2_alignment
 from hlm.projection import fit_head
+from hlm.space import space_at_width, truncate
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +86,6 @@ def batch_indices(step: int, n_rows: int, cfg: TrainJob) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- width
 
 
-def truncated_space(space: str, dim: int) -> str:
-    """Fingerprint of a space whose vectors are its first `dim` dims, renormalised (ads must be cut the same way)."""
-    return hashlib.sha256(f"{space}|truncate|{dim}".encode()).hexdigest()[:16]
-
-
 def prepare_student(student: Encoder, teacher_dim: int, width: str, *, teacher_space: str | None = None,
                     fit: tuple[list[str], np.ndarray] | None = None, seed: int = 0) -> Encoder:
     """Make the student meet a `teacher_dim`-wide teacher and record the space it is aligned to.
@@ -100,7 +94,7 @@ def prepare_student(student: Encoder, teacher_dim: int, width: str, *, teacher_s
     with `student`. With `fit=(queries, teacher_q_emb (n, D))` the head starts as the least-squares map onto
     those targets (`hlm.projection`), else as an orthogonal isometry of the student's own space.
     truncate: the student keeps its width d ≤ teacher_dim; its targets are the teacher's first d dims,
-    renormalised, and its space is `truncated_space(teacher_space, d)`.
+    renormalised, and its space is `hlm.space.truncated_space(teacher_space, d)`.
     """
     if width == "projection" and student.dim != teacher_dim:
         student = Encoder(student.backbone, student.tokenizer, replace(student.settings, projection_dim=teacher_dim))
@@ -112,17 +106,14 @@ def prepare_student(student: Encoder, teacher_dim: int, width: str, *, teacher_s
     if student.dim > teacher_dim:
         raise ValueError(f"student width {student.dim} is wider than the teacher's {teacher_dim} (width={width})")
     if teacher_space is not None:
-        same = student.dim == teacher_dim
-        student.settings.target_space = teacher_space if same else truncated_space(teacher_space, student.dim)
+        student.settings.target_space = space_at_width(teacher_space, teacher_dim, student.dim)
     return student
 
 
 def _rows(emb: np.ndarray, idx: np.ndarray, dim: int, device: torch.device) -> Tensor:
     """emb[idx] as float32 on `device`, cut to `dim` and renormalised when wider (truncate mode): (*idx.shape, dim)."""
-    t = torch.from_numpy(np.asarray(emb[idx], dtype=np.float32))  # (*idx.shape, D), a copy of those rows only
-    if t.shape[-1] != dim:
-        t = F.normalize(t[..., :dim], dim=-1)  # (*idx.shape, dim)
-    return t.to(device)
+    rows = np.asarray(emb[idx], dtype=np.float32)  # (*idx.shape, D), a copy of those rows only
+    return torch.from_numpy(truncate(rows, dim)).to(device)  # (*idx.shape, dim)
 
 
 # ---------------------------------------------------------------------------------------------- phases
