@@ -41,6 +41,39 @@ class Precision(StrEnum):
     onnx_int8 = "onnx_int8"  # CPU: the exported graph quantised to int8 by ONNX Runtime
 
 
+class Phase(StrEnum):
+    """A phase of the HARNESS-LM recipe (`hlm.train`, `hlm.pruning`)."""
+
+    teacher = "teacher"  # fine-tune the dual encoder
+    align = "align"  # L2 (or another objective) to the teacher's query embeddings
+    prune = "prune"  # drop layers step by step, re-aligning after each
+    refine = "refine"  # contrastive against the frozen teacher ad embeddings
+
+    @property
+    def aligns(self) -> bool:
+        """Trains towards the teacher's query embeddings (`train.objective`)."""
+        return self in (Phase.align, Phase.prune)
+
+
+class ContrastiveObjective(StrEnum):
+    """`train.contrastive`: the loss of phases teacher and refine (`hlm.losses.contrastive_loss`)."""
+
+    INFO_NCE = "info_nce"
+    QWEN3 = "qwen3"
+
+
+class AlignmentObjective(StrEnum):
+    """`train.objective`: the loss of phases align and prune (`hlm.losses.alignment_loss`)."""
+
+    L2 = "l2"
+    COSINE = "cosine"
+    SCORE_KL = "score_kl"
+
+
+Width = Literal["projection", "truncate"]  # a student narrower than its teacher: a head, or a truncated space
+Schedule = Literal["cosine", "linear", "constant"]  # the learning-rate decay after warmup
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_enum_values=False)
 
@@ -85,16 +118,16 @@ class LoraSettings(_Section):
 
 
 class TrainJob(_Section):
-    """One phase of the HARNESS-LM recipe (`hlm.train`); the closed sets match `hlm.losses`' enums."""
+    """One phase of the HARNESS-LM recipe (`hlm.train`)."""
 
-    phase: Literal["teacher", "align", "prune", "refine"] = Field(
-        "align", description="teacher: fine-tune the dual encoder; align: L2 to teacher query embeddings; "
+    phase: Phase = Field(
+        Phase.align, description="teacher: fine-tune the dual encoder; align: L2 to teacher query embeddings; "
         "prune: drop layers step by step, re-aligning after each; refine: InfoNCE against frozen teacher ads")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW), reached after warmup")
     min_lr: float = Field(0.0, ge=0, description="where the cosine/linear decay ends")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decay on matrices only (not biases, norms)")
     warmup_steps: int = Field(0, ge=0, description="linear warmup from ~0 to lr over this many steps")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
+    schedule: Schedule = Field("cosine", description="decay after warmup")
     epochs: int = Field(1, gt=0, description="passes over the training rows (ignored when max_steps is set)")
     max_steps: int | None = Field(None, gt=0, description="optimizer steps in all; None = epochs × rows/batch")
     batch_size: int = Field(32, gt=0, description="rows per step and worker; contrastive phases gather the "
@@ -102,15 +135,16 @@ class TrainJob(_Section):
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = off)")
     temperature: float = Field(0.05, gt=0, description="τ of the contrastive losses and of score_kl")
     margin: float = Field(0.1, description="qwen3 loss: drop negatives scoring above s(q, d+) + margin")
-    objective: Literal["l2", "cosine", "score_kl"] = Field("l2", description="alignment loss (align, prune)")
-    contrastive: Literal["info_nce", "qwen3"] = Field("info_nce", description="contrastive loss (teacher, refine)")
+    objective: AlignmentObjective = Field(AlignmentObjective.L2, description="alignment loss (align, prune)")
+    contrastive: ContrastiveObjective = Field(ContrastiveObjective.INFO_NCE,
+                                              description="contrastive loss (teacher, refine)")
     l2_weight: float = Field(0.0, ge=0, description="refine: + λ·L2 to the teacher's query embeddings")
     hard_negatives: int = Field(3, ge=0, description="refine (and teacher, given teacher embeddings): ads mined per "
                                 "pair from the teacher's ranking as negatives; 0 = in-batch negatives only")
     hard_negative_ranks: tuple[int, int] = Field((0, 30), description="the teacher ranks [from, to) mined from; with "
                                                  "sparse judgements start below the top, where unjudged ads are "
                                                  "mostly relevant")
-    width: Literal["projection", "truncate"] = Field(
+    width: Width = Field(
         "projection", description="when the student is narrower than the teacher: a linear head into the "
         "teacher's width, or the first d_student teacher dims renormalised (a truncated teacher space)")
     projection_init: Literal["least_squares", "orthogonal"] = Field(
@@ -149,7 +183,7 @@ class TrainJob(_Section):
 
     @model_validator(mode="after")
     def _lora_is_for_the_teacher(self) -> TrainJob:
-        if self.lora is not None and self.phase != "teacher":
+        if self.lora is not None and self.phase is not Phase.teacher:
             raise ValueError(f"lora: only phase teacher trains adapters, this is phase {self.phase}")
         return self
 

@@ -20,17 +20,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hlm.config import TrainJob
+from hlm.config import AlignmentObjective, Phase, TrainJob
 from hlm.data import DataError, read_ads, read_labels, read_queries
 from hlm.index import AdIndex
 from hlm.mining import Pairs, mine_hard_negatives, positive_pairs, relevant_from_labels
 from hlm.space import Embeddings, check_same_space
 
 TRAIN_INPUTS = ("queries", "teacher_queries", "ads_emb", "labels", "ads")
-NEEDS = {"align": {"queries", "teacher_queries"}, "prune": {"queries", "teacher_queries"},
-         "refine": {"queries", "labels", "teacher_queries", "ads_emb"}, "teacher": {"queries", "labels", "ads"}}
-MAY = {"align": {"ads_emb", "ads"}, "prune": {"ads_emb", "ads"}, "refine": set(),
-       "teacher": {"teacher_queries", "ads_emb"}}
+NEEDS = {Phase.align: {"queries", "teacher_queries"}, Phase.prune: {"queries", "teacher_queries"},
+         Phase.refine: {"queries", "labels", "teacher_queries", "ads_emb"}, Phase.teacher: {"queries", "labels", "ads"}}
+MAY = {Phase.align: {"ads_emb", "ads"}, Phase.prune: {"ads_emb", "ads"}, Phase.refine: set(),
+       Phase.teacher: {"teacher_queries", "ads_emb"}}
 
 
 @dataclass(frozen=True)
@@ -52,21 +52,21 @@ def input_problem(job: TrainJob, inputs: PhaseInputs, name: Callable[[str], str]
     phase = job.phase
     given = {f for f in TRAIN_INPUTS if getattr(inputs, f)}
     names = lambda fs: ", ".join(sorted(name(f) for f in fs))  # noqa: E731
-    if phase == "prune" and not job.prune_schedule:
+    if phase is Phase.prune and not job.prune_schedule:
         return "phase prune needs train.prune_schedule, e.g. --set 'train.prune_schedule=[4, 2]'"
     if missing := NEEDS[phase] - given:
         return f"phase {phase} needs {names(missing)}"
     if unused := given - NEEDS[phase] - MAY[phase]:
         return f"phase {phase} does not use {names(unused)}"
-    if phase in ("align", "prune") and job.objective == "score_kl" and not inputs.ads_emb:
+    if phase.aligns and job.objective == AlignmentObjective.SCORE_KL and not inputs.ads_emb:
         return f"train.objective=score_kl needs {name('ads_emb')}"
-    if phase in ("align", "prune") and inputs.ads and not inputs.ads_emb:
+    if phase.aligns and inputs.ads and not inputs.ads_emb:
         return f"aligning on {name('ads')} needs {name('ads_emb')}: their teacher embeddings are the targets"
-    if phase == "teacher" and bool(inputs.teacher_queries) != bool(inputs.ads_emb):
+    if phase is Phase.teacher and bool(inputs.teacher_queries) != bool(inputs.ads_emb):
         return f"hard negatives for phase teacher need both {names({'teacher_queries', 'ads_emb'})}"
     if bool(inputs.dev_queries) != bool(inputs.dev_labels):
         return f"{names({'dev_queries', 'dev_labels'})} go together"
-    if inputs.dev_queries and phase != "teacher" and not inputs.ads_emb:
+    if inputs.dev_queries and phase is not Phase.teacher and not inputs.ads_emb:
         return f"evaluating phase {phase} needs {name('ads_emb')} (the teacher ad embeddings)"
     if inputs.dev_teacher_queries and not (inputs.dev_queries and inputs.ads_emb):
         return f"{name('dev_teacher_queries')} needs {names({'dev_queries', 'dev_labels', 'ads_emb'})}"
@@ -109,15 +109,15 @@ def read_phase_data(job: TrainJob, inputs: PhaseInputs) -> PhaseData:
     ads = Embeddings.read(inputs.ads_emb) if inputs.ads_emb else None
     if teacher is not None and ads is not None:
         check_same_space(ads.space, teacher.space, f"teacher queries {teacher.source} vs ad embeddings {ads.source}")
-    if job.phase in ("align", "prune"):
+    if job.phase.aligns:
         texts, targets = queries["text"].to_pylist(), teacher.rows_for(queries["query_id"].to_pylist())
         if inputs.ads:
             ad_texts, ad_targets = _ads_as_queries(inputs.ads, ads)
             texts, targets = texts + ad_texts, np.concatenate([targets, ad_targets])
-        return PhaseData(texts, targets, ad_emb=ads.emb if job.objective == "score_kl" else None,
+        return PhaseData(texts, targets, ad_emb=ads.emb if job.objective == AlignmentObjective.SCORE_KL else None,
                          teacher_space=teacher.space)
     labels = read_labels(inputs.labels)
-    if job.phase == "refine":
+    if job.phase is Phase.refine:
         pairs = _with_file(inputs.labels, lambda: positive_pairs(queries, labels, ads.ids))
         pair_q = teacher.rows_for(pairs.query_ids)
         pairs = _mined(pairs, labels, pair_q, ads, job)

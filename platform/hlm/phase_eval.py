@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hlm.config import Runtime
+from hlm.config import Phase, Runtime
 from hlm.data import qrels_from_labels, read_ads, read_labels, read_queries
 from hlm.encoder import Encoder
 from hlm.metrics import evaluate, recovery_table, run_from_search
@@ -45,7 +45,7 @@ def evaluate_retrieval(query_emb: np.ndarray, query_ids: list[str], ad_emb: np.n
     return metrics
 
 
-def evaluate_dev(model: Path, phase: str, inputs: PhaseInputs, k: int, runtime: Runtime) -> dict[str, Any]:
+def evaluate_dev(model: Path, phase: Phase, inputs: PhaseInputs, k: int, runtime: Runtime) -> dict[str, Any]:
     """{"dev": the model's metrics at k (+ recovery/*), "dev_teacher": the teacher's (with dev_teacher_queries)}.
 
     Phase teacher changes the space, so its model re-embeds the `ads` texts and is compared with the teacher it
@@ -62,7 +62,7 @@ def evaluate_dev(model: Path, phase: str, inputs: PhaseInputs, k: int, runtime: 
     if ads is not None and inputs.dev_teacher_queries:
         t_emb = Embeddings.read(inputs.dev_teacher_queries).rows_for(qids)
         teacher = evaluate_retrieval(t_emb, qids, ads.emb, ads.ids, qrels, k)
-    if phase == "teacher":
+    if phase is Phase.teacher:
         ad_table = read_ads(inputs.ads)
         ad_ids, ad_emb = ad_table["ad_id"].to_pylist(), encoder.encode(ad_table["text"].to_pylist(), kind="ad")
     else:  # in truncate mode the student's space is the teacher's first d dims

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from hlm.config import Config, _Section
+from hlm.config import AlignmentObjective, Config, Schedule, Width, _Section
 from hlm.data import qrels_from_labels, read_embeddings, read_labels, read_queries
 from hlm.encoder import Encoder
 from hlm.evaluation import encoder_speed, retrieval_quality
@@ -38,12 +38,12 @@ logger = logging.getLogger(__name__)
 class StudySweep(_Section):
     """The axes of `pipelines.study`; the first value of each axis is the base point."""
 
-    objectives: list[Literal["l2", "cosine", "score_kl"]] = Field(["l2", "cosine", "score_kl"], min_length=1)
-    widths: list[Literal["projection", "truncate"]] = Field(["projection", "truncate"], min_length=1)
+    objectives: list[AlignmentObjective] = Field(list(AlignmentObjective), min_length=1)
+    widths: list[Width] = Field(["projection", "truncate"], min_length=1)
     depths: list[int] = Field([6, 3], min_length=1, description="student layers kept (one-shot pruning before "
                               "alignment); a value ≥ the student's depth means unpruned")
     lrs: list[float] = Field([1e-4, 3e-4], min_length=1, description="peak learning rates (train.schedule applies)")
-    schedules: list[Literal["cosine", "linear", "constant"]] = Field(["cosine"], min_length=1)
+    schedules: list[Schedule] = Field(["cosine"], min_length=1)
     design: Literal["one_at_a_time", "grid"] = Field("one_at_a_time", description="one_at_a_time: the base point "
                                                      "plus one trial per other value of each axis; grid: all")
     cpus_per_trial: float = Field(2.0, gt=0, description="trials run one at a time so latencies are comparable")
@@ -56,11 +56,11 @@ class StudyConfig(Config):
 
 @dataclass(frozen=True)
 class Trial:
-    objective: str
-    width: str
+    objective: AlignmentObjective
+    width: Width
     depth: int
     lr: float
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
 
     @property
     def name(self) -> str:
@@ -116,7 +116,7 @@ def run_trial(trial: Trial, cfg: StudyConfig, inputs: StudyInputs, teacher: dict
     train_cfg = cfg.train.model_copy(update={"objective": trial.objective, "width": trial.width, "lr": trial.lr,
                                              "schedule": trial.schedule})
     result = train_align(student, train["text"].to_pylist(), target, train_cfg, teacher_space=space,
-                         ad_emb=ad_emb if trial.objective == "score_kl" else None)
+                         ad_emb=ad_emb if trial.objective == AlignmentObjective.SCORE_KL else None)
     student = result.encoder
 
     ids, texts, qrels = dev_split(inputs)

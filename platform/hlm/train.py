@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from hlm.checkpoint import save_checkpoint
-from hlm.config import TrainJob
+from hlm.config import TrainJob, Width
 from hlm.distributed import data_parallel, global_batch
 from hlm.encoder import Encoder, Kind
 from hlm.lora import add_lora
@@ -86,7 +86,7 @@ def batch_indices(step: int, n_rows: int, cfg: TrainJob) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- width
 
 
-def prepare_student(student: Encoder, teacher_dim: int, width: str, *, teacher_space: str | None = None,
+def prepare_student(student: Encoder, teacher_dim: int, width: Width, *, teacher_space: str | None = None,
                     fit: tuple[list[str], np.ndarray] | None = None, seed: int = 0) -> Encoder:
     """Make the student meet a `teacher_dim`-wide teacher and record the space it is aligned to.
 
