@@ -45,18 +45,18 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from hlm.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
+from hlm.checkpoint import TRAINER_STATE, load_checkpoint
 from hlm.cli import init_ray, job_parser, start_job
 from hlm.config import Config, ModelRef, Phase, Runtime
 from hlm.data import DataError
 from hlm.distributed import mean_over_ranks
 from hlm.encoder import Encoder
+from hlm.evaluation import evaluate_dev
 from hlm.phase_data import PhaseData, PhaseInputs, input_problem, read_phase_data
-from hlm.phase_eval import evaluate_dev
 from hlm.pretrained import WeightsError, portable, resolve_model
 from hlm.pruning import num_layers, train_prune
 from hlm.space import SpaceMismatch
-from hlm.train import prepare_student, total_steps, train_align, train_refine, train_teacher
+from hlm.train import Save, train_align, train_refine, train_teacher
 
 logger = logging.getLogger("pipelines.train")
 
@@ -85,11 +85,6 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         # the precision a model serves at (bf16, int8) is not the one it trains in
         encoder = Encoder.load(ModelRef.model_validate({**config["init"], "precision": None}), runtime)
-    if cfg.train.phase is not Phase.teacher:  # up front, so the encoder we checkpoint is the one fit trains
-        aligning = cfg.train.phase.aligns and cfg.train.projection_init == "least_squares"
-        encoder = prepare_student(encoder, data.ad_emb.shape[1] if data.ad_emb is not None
-                                  else data.teacher_q_emb.shape[1], cfg.train.width, teacher_space=data.teacher_space,
-                                  fit=(data.queries, data.teacher_q_emb) if aligning else None, seed=cfg.seed)
     if cfg.train.phase is Phase.prune:
         _prune(encoder, data, cfg, checkpoint is not None, world, rank)
     else:
@@ -111,17 +106,14 @@ def _report(metrics: dict[str, Any], rank: int, write: Callable[[Path], Path] | 
 
 def _train(encoder: Encoder, data: PhaseData, cfg: Config, start_step: int, optimizer_state: dict | None,
            world: int, rank: int) -> None:
-    job = cfg.train
-    total, first = total_steps(len(data.queries), job), {}
+    job, first = cfg.train, {}
 
-    def on_step(step: int, metrics: dict[str, Any], state_fn: Any) -> None:
+    def on_step(step: int, metrics: dict[str, Any], save: Save) -> None:
         first.setdefault("loss", metrics["loss"])
-        if step != total and not (job.checkpoint_every and step % job.checkpoint_every == 0):
-            return
-        out = {"step": step, "start_step": start_step, "loss": metrics["loss"], "first_loss": first["loss"],
-               "lr": metrics["lr"], "samples_per_s": metrics["samples_per_s"] * world, "workers": world}
-        _report(out, rank, lambda folder: save_checkpoint(folder, encoder, state_fn()["optimizer"], step, job,
-                                                          encoder.settings.target_space), f"step-{step:07d}")
+        if metrics["checkpoint_due"]:
+            out = {"step": step, "start_step": start_step, "loss": metrics["loss"], "first_loss": first["loss"],
+                   "lr": metrics["lr"], "samples_per_s": metrics["samples_per_s"] * world, "workers": world}
+            _report(out, rank, save, f"step-{step:07d}")
 
     common = {"on_step": on_step, "start_step": start_step, "optimizer_state": optimizer_state}
     if job.phase is Phase.align:

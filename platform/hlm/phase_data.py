@@ -4,8 +4,8 @@ Inputs per phase (anything else is refused rather than silently ignored): align 
 `teacher_queries` (`ads_emb` for score_kl; `ads` with `ads_emb` aligns on the ad texts too); refine needs
 `queries labels teacher_queries ads_emb` (hard negatives are mined from a Flat index of the teacher ads); teacher
 needs `queries labels ads` (and mines hard negatives when `teacher_queries ads_emb` are given). `dev_queries
-dev_labels` evaluate the result over the teacher ad embeddings (`hlm.phase_eval`; `dev_teacher_queries` adds the
-teacher's row and recovery).
+dev_labels` evaluate the result over the teacher ad embeddings (`hlm.evaluation.evaluate_dev`;
+`dev_teacher_queries` adds the teacher's row and recovery).
 
 The driver reads the (small) inputs into one `PhaseData`; each data-parallel rank takes `shard(rank, world)`.
 """

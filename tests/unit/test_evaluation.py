@@ -27,6 +27,17 @@ def test_a_query_equal_to_its_relevant_ad_scores_perfectly():
     assert m["P@1"] == 1.0 and m["MRR@1"] == 1.0 and m["R@1"] == 1.0
 
 
+def test_exact_search_over_fewer_ads_than_k_scores_every_ad():
+    rng = np.random.default_rng(0)
+    ad_emb = rng.normal(size=(20, 8)).astype(np.float32)
+    ad_emb /= np.linalg.norm(ad_emb, axis=1, keepdims=True)
+    ad_ids, query_ids = [f"a{i}" for i in range(20)], [f"q{i}" for i in range(10)]
+    qrels = {q: {ad_ids[2 * i]: 1.0} for i, q in enumerate(query_ids)}
+    index = AdIndex.build(ad_ids, ad_emb, "s")
+    m = retrieval_quality(index, ad_emb[::2], query_ids, qrels, ks=(1, 100))  # query i is ad 2i; k=100 > 20 ads
+    assert m["P@1"] == m["R@1"] == m["MRR@1"] == m["R@100"] == 1.0 and m["P@100"] == pytest.approx(0.01)
+
+
 def test_compare_reports_recovery_and_speed_ratios_against_the_teacher(tmp_path):
     teacher = tiny_encoder("bert", seed=0)
     index = AdIndex.build([f"a{i}" for i in range(len(ADS))], teacher.encode(ADS, kind="ad"), teacher.space)
