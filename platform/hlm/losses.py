@@ -8,8 +8,8 @@ cosine similarity. Every loss returns a scalar; the training step calls the enco
 Contrastive (phases 1 and 4): ``info_nce``, ``qwen3_info_nce``, ``info_nce_with_l2``.
 Alignment (phases 2 and 3): ``l2_alignment``, ``cosine_alignment``, ``score_kl``.
 Configs choose among them through ``ContrastiveObjective`` / ``AlignmentObjective`` (declared with the
-config, `hlm.config`) and the two dispatchers ``contrastive_loss`` / ``alignment_loss``, the one table from a
-choice to its function.
+other config choices, `hlm.choices`) and the two dispatchers ``contrastive_loss`` / ``alignment_loss``,
+the one table from a choice to its function.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hlm.config import AlignmentObjective, ContrastiveObjective
+from hlm.choices import AlignmentObjective, ContrastiveObjective
 
 
 def _hard_negative_scores(q_emb: Tensor, neg_emb: Tensor) -> Tensor:
