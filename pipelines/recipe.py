@@ -41,14 +41,13 @@ from hlm.encoder import Encoder, describe_space_of
 from hlm.evaluation import Candidate, compare, write_report
 from hlm.index import AdIndex
 from hlm.phase_data import PhaseInputs, input_problem
-from hlm.pretrained import WeightsError, portable
+from hlm.pretrained import portable
 from hlm.pruning import num_layers, prune_layers
 from hlm.recipe import RecipeConfig, phase_job
-from hlm.space import SpaceMismatch
 from hlm.stages import Stage, StageResult, run_stages, stage_table
 from hlm.store import IndexStore, redis_client
 from pipelines.embed import local_pool_cpus, rejected_folder, run_embed
-from pipelines.train import TrainingFailed, train_phase
+from pipelines.train import JOB_ERRORS, report_error, train_phase
 
 logger = logging.getLogger("pipelines.recipe")
 
@@ -249,12 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg: RecipeConfig = start_job("recipe", args, schema=RecipeConfig)
     try:
         recipe, results = run_recipe(cfg)
-    except (DataError, SpaceMismatch, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except JOB_ERRORS as e:
+        return report_error(e)
     report = recipe.out("evaluate", "report.md")
     print(report.read_text())
     print(stage_table(results))

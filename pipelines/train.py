@@ -209,6 +209,15 @@ class TrainingFailed(RuntimeError):
     """The Ray Train run failed (after its retries) or reported no checkpoint."""
 
 
+JOB_ERRORS = (DataError, SpaceMismatch, WeightsError, TrainingFailed)  # what a training job reports and exits on
+
+
+def report_error(error: Exception) -> int:
+    """Print one of JOB_ERRORS; the exit code: 1 when training failed, 2 for bad input, a model or a space."""
+    print(f"error: {error}", file=sys.stderr)
+    return 1 if isinstance(error, TrainingFailed) else 2
+
+
 def read_inputs(cfg: Config, init: ModelRef, inputs: PhaseInputs) -> PhaseData:
     """Check and read everything the phase needs before anything is written; raises DataError, SpaceMismatch or
     WeightsError naming the file or model."""
@@ -266,12 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     run_name = args.run_name or f"{cfg.train.phase}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     try:
         record = train_phase(cfg, init, inputs, out, run_name)
-    except (DataError, SpaceMismatch, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except JOB_ERRORS as e:
+        return report_error(e)
     print(summary(record, out))
     return 0
 
