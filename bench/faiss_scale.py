@@ -48,7 +48,7 @@ NPROBE = 16
 K_FACTOR = 10  # IVF-PQ+SQ8: the PQ stage returns k·K_FACTOR candidates for the SQ8 codes to re-score
 QUANTIZER_EF_SEARCH = 64  # the IVF coarse quantizer's HNSW: well above nprobe, so the nearest lists are found
 PUBLISH_MAX_BYTES = 256 << 20  # a 3 GB Flat blob takes ~4 copies of RAM and minutes here (and belongs in object
-# storage at that size, DESIGN.md); 6 to 180 MB of published versions show the trend
+# storage at that size, docs/design.md "Index store in Redis"); 6 to 180 MB of published versions show the trend
 FULL = [(100_000, 384, 1000), (100_000, 768, 1000), (1_000_000, 384, 100), (1_000_000, 768, 100)]  # (N, d, queries)
 QUICK = [(10_000, 64, 200)]
 HNSW_SIZES = {(100_000, 384), (100_000, 768), (10_000, 64)}

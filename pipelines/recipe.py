@@ -35,21 +35,20 @@ from pathlib import Path
 from typing import Any
 
 from hlm.cli import init_ray, job_parser, start_job
-from hlm.config import Config, ModelRef, Precision
+from hlm.config import Config, ModelRef, Phase, Precision
 from hlm.data import DataError, qrels_from_labels, read_embeddings, read_labels, read_queries
 from hlm.encoder import Encoder, describe_space_of
 from hlm.evaluation import Candidate, compare, write_report
 from hlm.index import AdIndex
 from hlm.phase_data import PhaseInputs, input_problem
-from hlm.pretrained import WeightsError, portable
+from hlm.pretrained import portable
 from hlm.pruning import num_layers, prune_layers
 from hlm.recipe import RecipeConfig, phase_job
 from hlm.redis_client import redis_client
-from hlm.space import SpaceMismatch
 from hlm.stages import Stage, StageResult, run_stages, stage_table
 from hlm.store import IndexStore
 from pipelines.embed import local_pool_cpus, rejected_folder, run_embed
-from pipelines.train import TrainingFailed, train_phase
+from pipelines.train import JOB_ERRORS, report_error, train_phase
 
 logger = logging.getLogger("pipelines.recipe")
 
@@ -107,7 +106,7 @@ class Recipe:
 
         self.add(name, run, settings, (path,), after)
 
-    def train(self, name: str, phase: str, overrides: str, init: ModelRef, inputs: PhaseInputs,
+    def train(self, name: str, phase: Phase, overrides: str, init: ModelRef, inputs: PhaseInputs,
               after: tuple[str, ...], **fixed: Any) -> None:
         job = phase_job(self.cfg, overrides, phase, **fixed)
         if problem := input_problem(job, inputs):
@@ -142,29 +141,29 @@ class Recipe:
         # 2. align at the largest depth, 3. prune to the others, 4. refine each
         top, top_after = self.init(self.depths[0])
         align_in = PhaseInputs(self.queries, **emb, **({"ads": self.ads} if r.align_on_ads else {}), **dev)
-        self.train("align", "align", "align", top, align_in, ("queries", "ads", "dev-queries", *top_after))
+        self.train("align", Phase.align, "align", top, align_in, ("queries", "ads", "dev-queries", *top_after))
         starts = {self.depths[0]: (root("align", "model"), "align")}
         if len(self.depths) > 1:
-            self.train("prune", "prune", "prune", ModelRef(model=str(root("align", "model"))), align_in,
+            self.train("prune", Phase.prune, "prune", ModelRef(model=str(root("align", "model"))), align_in,
                        ("align", "queries", "ads", "dev-queries"), prune_schedule=self.depths[1:])
             starts |= {d: (root("prune", "prune", f"layers-{d}"), "prune") for d in self.depths[1:]}
         pairs = PhaseInputs(self.queries, labels=self.labels, **emb, **dev)
         for depth in self.depths:
             model, stage = starts[depth]
-            self.train(f"refine-L{depth}", "refine", "refine", ModelRef(model=str(model)), pairs,
+            self.train(f"refine-L{depth}", Phase.refine, "refine", ModelRef(model=str(model)), pairs,
                        (stage, "queries", "ads", "dev-queries"))
         # 5. baselines at the same depths, from the same inits
         for depth in self.depths:
             init, after = self.init(depth)
             if r.direct_baseline is not None:
-                mined = emb if phase_job(self.cfg, "direct_baseline", "teacher").hard_negatives else {}
-                self.train(f"direct-L{depth}", "teacher", "direct_baseline", init,
+                mined = emb if phase_job(self.cfg, "direct_baseline", Phase.teacher).hard_negatives else {}
+                self.train(f"direct-L{depth}", Phase.teacher, "direct_baseline", init,
                            PhaseInputs(self.queries, labels=self.labels, ads=self.ads, **mined),
                            (*after, *(("queries", "ads") if mined else ())))
                 self.embed(f"direct-L{depth}-ads", ModelRef(model=str(root(f"direct-L{depth}", "model"))), self.ads,
                            "ads", (f"direct-L{depth}",))
             if r.paper_baseline is not None:
-                self.train(f"paper-L{depth}", "refine", "paper_baseline", init, pairs,
+                self.train(f"paper-L{depth}", Phase.refine, "paper_baseline", init, pairs,
                            (*after, "queries", "ads", "dev-queries"))
         for model in r.own_index:
             self.embed(f"own-{Path(model).name}", ModelRef(model=portable(model)), self.ads, "ads")
@@ -180,14 +179,14 @@ class Recipe:
         start = self.cfg.teacher.model_copy(update={"model": portable(self.cfg.teacher.model)})
         inputs = PhaseInputs(self.queries, labels=self.labels, ads=self.ads)
         after: tuple[str, ...] = ()
-        if phase_job(self.cfg, "teacher", "teacher").hard_negatives:
+        if phase_job(self.cfg, "teacher", Phase.teacher).hard_negatives:
             self.embed("teacher-start-ads", start, self.ads, "ads")
             self.embed("teacher-start-queries", start, self.queries, "queries")
             inputs = PhaseInputs(self.queries, labels=self.labels, ads=self.ads,
                                  teacher_queries=self.out("teacher-start-queries"),
                                  ads_emb=self.out("teacher-start-ads"))
             after = ("teacher-start-ads", "teacher-start-queries")
-        self.train("teacher", "teacher", "teacher", start, inputs, after)
+        self.train("teacher", Phase.teacher, "teacher", start, inputs, after)
 
     # ------------------------------------------------------------------------------------------ stage bodies
     def cut_student(self, out: Path, depth: int) -> dict[str, Any]:
@@ -250,12 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg: RecipeConfig = start_job("recipe", args, schema=RecipeConfig)
     try:
         recipe, results = run_recipe(cfg)
-    except (DataError, SpaceMismatch, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except JOB_ERRORS as e:
+        return report_error(e)
     report = recipe.out("evaluate", "report.md")
     print(report.read_text())
     print(stage_table(results))

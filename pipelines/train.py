@@ -45,21 +45,20 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from hlm.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
+from hlm.checkpoint import TRAINER_STATE, load_checkpoint
 from hlm.cli import init_ray, job_parser, start_job
-from hlm.config import Config, ModelRef, Runtime
+from hlm.config import Config, ModelRef, Phase, Runtime
 from hlm.data import DataError
 from hlm.distributed import mean_over_ranks
 from hlm.encoder import Encoder
+from hlm.evaluation import evaluate_dev
 from hlm.phase_data import PhaseData, PhaseInputs, input_problem, read_phase_data
-from hlm.phase_eval import evaluate_dev
 from hlm.pretrained import WeightsError, portable, resolve_model
 from hlm.pruning import num_layers, train_prune
 from hlm.space import SpaceMismatch
-from hlm.train import prepare_student, total_steps, train_align, train_refine, train_teacher
+from hlm.train import Save, train_align, train_refine, train_teacher
 
 logger = logging.getLogger("pipelines.train")
-PHASES = ("teacher", "align", "prune", "refine")
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -86,12 +85,7 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         # the precision a model serves at (bf16, int8) is not the one it trains in
         encoder = Encoder.load(ModelRef.model_validate({**config["init"], "precision": None}), runtime)
-    if cfg.train.phase != "teacher":  # up front, so the encoder we checkpoint is the one fit trains
-        aligning = cfg.train.phase in ("align", "prune") and cfg.train.projection_init == "least_squares"
-        encoder = prepare_student(encoder, data.ad_emb.shape[1] if data.ad_emb is not None
-                                  else data.teacher_q_emb.shape[1], cfg.train.width, teacher_space=data.teacher_space,
-                                  fit=(data.queries, data.teacher_q_emb) if aligning else None, seed=cfg.seed)
-    if cfg.train.phase == "prune":
+    if cfg.train.phase is Phase.prune:
         _prune(encoder, data, cfg, checkpoint is not None, world, rank)
     else:
         _train(encoder, data, cfg, start_step, optimizer_state, world, rank)
@@ -112,23 +106,20 @@ def _report(metrics: dict[str, Any], rank: int, write: Callable[[Path], Path] | 
 
 def _train(encoder: Encoder, data: PhaseData, cfg: Config, start_step: int, optimizer_state: dict | None,
            world: int, rank: int) -> None:
-    job = cfg.train
-    total, first = total_steps(len(data.queries), job), {}
+    job, first = cfg.train, {}
 
-    def on_step(step: int, metrics: dict[str, Any], state_fn: Any) -> None:
+    def on_step(step: int, metrics: dict[str, Any], save: Save) -> None:
         first.setdefault("loss", metrics["loss"])
-        if step != total and not (job.checkpoint_every and step % job.checkpoint_every == 0):
-            return
-        out = {"step": step, "start_step": start_step, "loss": metrics["loss"], "first_loss": first["loss"],
-               "lr": metrics["lr"], "samples_per_s": metrics["samples_per_s"] * world, "workers": world}
-        _report(out, rank, lambda folder: save_checkpoint(folder, encoder, state_fn()["optimizer"], step, job,
-                                                          encoder.settings.target_space), f"step-{step:07d}")
+        if metrics["checkpoint_due"]:
+            out = {"step": step, "start_step": start_step, "loss": metrics["loss"], "first_loss": first["loss"],
+                   "lr": metrics["lr"], "samples_per_s": metrics["samples_per_s"] * world, "workers": world}
+            _report(out, rank, save, f"step-{step:07d}")
 
     common = {"on_step": on_step, "start_step": start_step, "optimizer_state": optimizer_state}
-    if job.phase == "align":
+    if job.phase is Phase.align:
         train_align(encoder, data.queries, data.teacher_q_emb, job, ad_emb=data.ad_emb,
                     teacher_space=data.teacher_space, **common)
-    elif job.phase == "refine":
+    elif job.phase is Phase.refine:
         train_refine(encoder, data.queries, data.positive_ad_idx, data.ad_emb, job,
                      hard_negative_idx=data.hard_negative_idx, teacher_q_emb=data.teacher_q_emb,
                      teacher_space=data.teacher_space, **common)
@@ -167,7 +158,7 @@ def _prune(encoder: Encoder, data: PhaseData, cfg: Config, resumed: bool, world:
 def run_train(cfg: Config, init: ModelRef, data: PhaseData, run_name: str) -> ray.train.Result:
     c = cfg.cluster
     storage = c.storage_path if "://" in c.storage_path else str(Path(c.storage_path).resolve())
-    keep = None if cfg.train.phase == "prune" else c.num_to_keep  # every layers-N stage is a result to keep
+    keep = None if cfg.train.phase is Phase.prune else c.num_to_keep  # every layers-N stage is a result to keep
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "init": init.model_dump(mode="json"),
@@ -193,7 +184,7 @@ def _copy_model(checkpoint: Checkpoint, dst: Path) -> Path:
 
 def parse_args(argv: list[str] | None) -> Namespace:
     parser = job_parser(__doc__.splitlines()[0])
-    parser.add_argument("--phase", choices=PHASES, help="default: train.phase of the config")
+    parser.add_argument("--phase", choices=[p.value for p in Phase], help="default: train.phase of the config")
     parser.add_argument("--out", required=True, type=Path, help="output folder: model/, metrics.json, prune/")
     parser.add_argument("--init", help="encoder to start from (default: config student, or teacher for --phase "
                         "teacher); ignored when resuming")
@@ -216,6 +207,15 @@ def parse_args(argv: list[str] | None) -> Namespace:
 
 class TrainingFailed(RuntimeError):
     """The Ray Train run failed (after its retries) or reported no checkpoint."""
+
+
+JOB_ERRORS = (DataError, SpaceMismatch, WeightsError, TrainingFailed)  # what a training job reports and exits on
+
+
+def report_error(error: Exception) -> int:
+    """Print one of JOB_ERRORS; the exit code: 1 when training failed, 2 for bad input, a model or a space."""
+    print(f"error: {error}", file=sys.stderr)
+    return 1 if isinstance(error, TrainingFailed) else 2
 
 
 def read_inputs(cfg: Config, init: ModelRef, inputs: PhaseInputs) -> PhaseData:
@@ -252,7 +252,7 @@ def train_phase(cfg: Config, init: ModelRef, inputs: PhaseInputs, out: Path, run
         "start_step": m.get("start_step"), "steps": m.get("step"), "first_loss": m.get("first_loss"),
         "final_loss": m.get("loss"), "samples_per_s": m.get("samples_per_s"), "workers": m.get("workers"),
         "seconds": round(seconds, 1)}
-    if phase == "prune":
+    if phase is Phase.prune:
         stages = sorted(((c, r) for c, r in result.best_checkpoints or [] if "n_layers" in r),
                         key=lambda cr: -cr[1]["n_layers"])
         record["prune"] = {f"layers-{r['n_layers']}": str(_copy_model(c, out / "prune" / f"layers-{r['n_layers']}"))
@@ -270,17 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     inputs = PhaseInputs(**{f.name: getattr(args, f.name) for f in fields(PhaseInputs)})
     if problem := input_problem(cfg.train, inputs, lambda name: "--" + name.replace("_", "-")):
         args.parser.error(problem)
-    base = cfg.teacher if cfg.train.phase == "teacher" else cfg.student
+    base = cfg.teacher if cfg.train.phase is Phase.teacher else cfg.student
     init = base.model_copy(update={"model": portable(args.init or base.model)})
     run_name = args.run_name or f"{cfg.train.phase}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     try:
         record = train_phase(cfg, init, inputs, out, run_name)
-    except (DataError, SpaceMismatch, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except JOB_ERRORS as e:
+        return report_error(e)
     print(summary(record, out))
     return 0
 
@@ -296,7 +292,7 @@ def summary(r: dict[str, Any], out: Path) -> str:
         lines.append("dev: " + ", ".join(shown))
         if "dev_teacher" in r:
             key = next(iter(r["dev_teacher"]))
-            who = "starting teacher" if r["phase"] == "teacher" else "teacher"
+            who = "starting teacher" if r["phase"] == Phase.teacher else "teacher"
             lines.append(f"{who} {key} {r['dev_teacher'][key]:.4f}; recovery {dev.get(f'recovery/{key}', 0):.1%}")
     lines += [f"stage: {p}" for p in r.get("prune", {}).values()]
     lines.append(f"wrote {r['model']} and {out / 'metrics.json'}; Ray run {r['run_name']} "

@@ -1,6 +1,6 @@
 """Session-wide fixtures: one real redis-server and one real local Ray for the whole run, tiny models on disk.
 
-Expensive things are started once per session (style principle 12); tests take cheap copies.
+Expensive things are started once per session (docs/design.md, "Code style" 12); tests take cheap copies.
 """
 
 from __future__ import annotations

@@ -9,36 +9,24 @@ from __future__ import annotations
 
 import copy
 import logging
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hlm.choices import (  # noqa: F401 (re-exported: the config is where jobs take its choices from)
+    AlignmentObjective,
+    ContrastiveObjective,
+    Phase,
+    Pooling,
+    Precision,
+    Profile,
+    Schedule,
+    Width,
+)
+
 logger = logging.getLogger(__name__)
-
-
-class Profile(StrEnum):
-    cpu = "cpu"
-    gpu = "gpu"
-
-
-class Pooling(StrEnum):
-    mean = "mean"
-    cls = "cls"
-    last_token = "last_token"  # decoder models (Qwen3-Embedding style): the final non-padding token
-
-
-class Precision(StrEnum):
-    """How an encoder computes at inference (`hlm.precision`); never part of the embedding space."""
-
-    fp32 = "fp32"  # the reference
-    bf16 = "bf16"  # CPU or GPU
-    fp16 = "fp16"  # GPU only
-    int8 = "int8"  # CPU only: torch dynamic quantisation of every nn.Linear
-    onnx = "onnx"  # CPU: the exported fp32 graph on ONNX Runtime (`python -m pipelines.export_onnx`)
-    onnx_int8 = "onnx_int8"  # CPU: the exported graph quantised to int8 by ONNX Runtime
 
 
 class _Section(BaseModel):
@@ -85,16 +73,16 @@ class LoraSettings(_Section):
 
 
 class TrainJob(_Section):
-    """One phase of the HARNESS-LM recipe (`hlm.train`); the closed sets match `hlm.losses`' enums."""
+    """One phase of the HARNESS-LM recipe (`hlm.train`)."""
 
-    phase: Literal["teacher", "align", "prune", "refine"] = Field(
-        "align", description="teacher: fine-tune the dual encoder; align: L2 to teacher query embeddings; "
+    phase: Phase = Field(
+        Phase.align, description="teacher: fine-tune the dual encoder; align: L2 to teacher query embeddings; "
         "prune: drop layers step by step, re-aligning after each; refine: InfoNCE against frozen teacher ads")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW), reached after warmup")
     min_lr: float = Field(0.0, ge=0, description="where the cosine/linear decay ends")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decay on matrices only (not biases, norms)")
     warmup_steps: int = Field(0, ge=0, description="linear warmup from ~0 to lr over this many steps")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
+    schedule: Schedule = Field("cosine", description="decay after warmup")
     epochs: int = Field(1, gt=0, description="passes over the training rows (ignored when max_steps is set)")
     max_steps: int | None = Field(None, gt=0, description="optimizer steps in all; None = epochs × rows/batch")
     batch_size: int = Field(32, gt=0, description="rows per step and worker; contrastive phases gather the "
@@ -102,15 +90,16 @@ class TrainJob(_Section):
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = off)")
     temperature: float = Field(0.05, gt=0, description="τ of the contrastive losses and of score_kl")
     margin: float = Field(0.1, description="qwen3 loss: drop negatives scoring above s(q, d+) + margin")
-    objective: Literal["l2", "cosine", "score_kl"] = Field("l2", description="alignment loss (align, prune)")
-    contrastive: Literal["info_nce", "qwen3"] = Field("info_nce", description="contrastive loss (teacher, refine)")
+    objective: AlignmentObjective = Field(AlignmentObjective.L2, description="alignment loss (align, prune)")
+    contrastive: ContrastiveObjective = Field(ContrastiveObjective.INFO_NCE,
+                                              description="contrastive loss (teacher, refine)")
     l2_weight: float = Field(0.0, ge=0, description="refine: + λ·L2 to the teacher's query embeddings")
     hard_negatives: int = Field(3, ge=0, description="refine (and teacher, given teacher embeddings): ads mined per "
                                 "pair from the teacher's ranking as negatives; 0 = in-batch negatives only")
     hard_negative_ranks: tuple[int, int] = Field((0, 30), description="the teacher ranks [from, to) mined from; with "
                                                  "sparse judgements start below the top, where unjudged ads are "
                                                  "mostly relevant")
-    width: Literal["projection", "truncate"] = Field(
+    width: Width = Field(
         "projection", description="when the student is narrower than the teacher: a linear head into the "
         "teacher's width, or the first d_student teacher dims renormalised (a truncated teacher space)")
     projection_init: Literal["least_squares", "orthogonal"] = Field(
@@ -149,7 +138,7 @@ class TrainJob(_Section):
 
     @model_validator(mode="after")
     def _lora_is_for_the_teacher(self) -> TrainJob:
-        if self.lora is not None and self.phase != "teacher":
+        if self.lora is not None and self.phase is not Phase.teacher:
             raise ValueError(f"lora: only phase teacher trains adapters, this is phase {self.phase}")
         return self
 

@@ -1,10 +1,12 @@
-"""Teacher vs students, side by side: retrieval quality over the full ad index and query-encoder speed.
+"""How models score: retrieval quality over an ad index, query-encoder speed, and teacher vs students side by side.
 
-Quality: every model's dev queries are searched in its ad index (FAISS; the teacher's for a student, its own
-re-embedded one for a baseline dual encoder) and scored with `hlm.metrics`; recovery is each metric over the
-teacher's. Speed: latency at batch 1 (p50/p99 over
-real query strings) and throughput at batch 64, measured for every model in the same run on the same
-cores, so ratios are fair even where absolute numbers are not comparable across machines.
+Quality: a model's queries are searched in an ad index (FAISS; exact with a Flat index; the teacher's for a
+student, its own re-embedded one for a baseline dual encoder) and scored with `hlm.metrics`, the pure metric
+functions; recovery is each metric over the teacher's. `retrieval_quality` is the one search-and-score path:
+`compare` (`pipelines.evaluate`, the recipe's report), `evaluate_dev` (after a `pipelines.train` phase) and the
+design study all use it. Speed: latency at batch 1 (p50/p99 over real query strings) and throughput at batch 64,
+measured for every model in the same run on the same cores, so ratios are fair even where absolute numbers are
+not comparable across machines.
 """
 
 from __future__ import annotations
@@ -14,12 +16,18 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
+from hlm.config import Phase, Runtime
+from hlm.data import qrels_from_labels, read_ads, read_labels, read_queries
 from hlm.encoder import Encoder
 from hlm.index import AdIndex
 from hlm.metrics import evaluate, recovery_table, run_from_search
+from hlm.phase_data import PhaseInputs
+from hlm.space import Embeddings, check_same_space, space_at_width, truncate
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +56,41 @@ class Candidate:
 
 def retrieval_quality(index: AdIndex, q_emb: np.ndarray, query_ids: list[str], qrels: dict, *,
                       ks: tuple[int, ...] = (10, 100)) -> dict[str, float]:
+    """`hlm.metrics.evaluate` at `ks` of the top max(ks) ads of `index` for each q_emb (B, d) row (exact when Flat)."""
     D, I = index.search(q_emb, max(ks))  # noqa: E741 (B, k)
     return evaluate(run_from_search(query_ids, D, I, index.ids), qrels, ks=ks)
+
+
+def evaluate_dev(model: Path, phase: Phase, inputs: PhaseInputs, k: int, runtime: Runtime) -> dict[str, Any]:
+    """{"dev": the model's metrics at k (+ recovery/*), "dev_teacher": the teacher's (with dev_teacher_queries)}.
+
+    What `pipelines.train` reports after a phase; every search is exact (Flat). Phase teacher changes the space,
+    so its model re-embeds the `ads` texts and is compared with the teacher it started from (when `ads_emb` and
+    `dev_teacher_queries` are given); a student searches the teacher ad embeddings, cut to its width in truncate
+    mode.
+    """
+    queries = read_queries(inputs.dev_queries)
+    qids, texts = queries["query_id"].to_pylist(), queries["text"].to_pylist()
+    qrels = qrels_from_labels(read_labels(inputs.dev_labels))
+    usable = runtime.device != "cuda" or torch.cuda.is_available()  # a CPU head node evaluates on CPU
+    encoder = Encoder.load(model, runtime if usable else Runtime())
+    ads = Embeddings.read(inputs.ads_emb) if inputs.ads_emb else None
+    teacher = None
+    if ads is not None and inputs.dev_teacher_queries:
+        t_emb = Embeddings.read(inputs.dev_teacher_queries).rows_for(qids)
+        teacher = retrieval_quality(AdIndex.build(ads.ids, ads.emb, ads.space), t_emb, qids, qrels, ks=(k,))
+    if phase is Phase.teacher:
+        ad_table = read_ads(inputs.ads)
+        index = AdIndex.build(ad_table["ad_id"].to_pylist(), encoder.encode(ad_table["text"].to_pylist(), kind="ad"),
+                              encoder.space)
+    else:  # in truncate mode the student's space is the teacher's first d dims
+        space = space_at_width(ads.space, ads.emb.shape[1], encoder.dim)
+        check_same_space(space, encoder.space, f"model {model}")
+        index = AdIndex.build(ads.ids, truncate(ads.emb, encoder.dim), space)
+    student = retrieval_quality(index, encoder.encode(texts), qids, qrels, ks=(k,))
+    reference = {name: v for name, v in (teacher or {}).items() if v > 0}  # recovery is undefined over a 0
+    student |= {f"recovery/{name}": v for name, v in recovery_table(student, reference).items()}
+    return {"dev": student, **({"dev_teacher": teacher} if teacher else {})}
 
 
 def encoder_speed(encoder: Encoder, queries: list[str], *, n_latency: int = 200, batch: int = 64,

@@ -7,28 +7,18 @@ cosine similarity. Every loss returns a scalar; the training step calls the enco
 
 Contrastive (phases 1 and 4): ``info_nce``, ``qwen3_info_nce``, ``info_nce_with_l2``.
 Alignment (phases 2 and 3): ``l2_alignment``, ``cosine_alignment``, ``score_kl``.
-Configs choose among them through ``ContrastiveObjective`` / ``AlignmentObjective`` and the two
-dispatchers ``contrastive_loss`` / ``alignment_loss``.
+Configs choose among them through ``ContrastiveObjective`` / ``AlignmentObjective`` (declared with the
+other config choices, `hlm.choices`) and the two dispatchers ``contrastive_loss`` / ``alignment_loss``,
+the one table from a choice to its function.
 """
 
 from __future__ import annotations
-
-from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-class ContrastiveObjective(StrEnum):
-    INFO_NCE = "info_nce"
-    QWEN3 = "qwen3"
-
-
-class AlignmentObjective(StrEnum):
-    L2 = "l2"
-    COSINE = "cosine"
-    SCORE_KL = "score_kl"
+from hlm.choices import AlignmentObjective, ContrastiveObjective
 
 
 def _hard_negative_scores(q_emb: Tensor, neg_emb: Tensor) -> Tensor:

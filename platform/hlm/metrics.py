@@ -18,8 +18,8 @@ Conventions, each the one ``trec_eval`` (and so ``pytrec_eval``) uses:
   positive). Queries only in the run, or only in the qrels, are skipped.
 * **P@k** divides by ``k`` even when fewer than ``k`` ads were retrieved.
 
-``PRIMARY_METRIC`` / ``GREATER_IS_BETTER`` name the metric that model selection reads; recovery is
-``student / teacher`` on the same run definition.
+``PRIMARY_METRIC`` names the metric that model selection reads; every metric here is greater-is-better.
+Recovery is ``student / teacher`` on the same run definition.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ Qrels = dict[str, dict[str, float]]
 
 PRIMARY_K = 100  # the cutoff of the primary metric, for callers that must compute it
 PRIMARY_METRIC = f"P@{PRIMARY_K}"
-GREATER_IS_BETTER = True
 
 
 def _ranked(scores: dict[str, float]) -> list[str]:

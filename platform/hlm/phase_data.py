@@ -4,8 +4,8 @@ Inputs per phase (anything else is refused rather than silently ignored): align 
 `teacher_queries` (`ads_emb` for score_kl; `ads` with `ads_emb` aligns on the ad texts too); refine needs
 `queries labels teacher_queries ads_emb` (hard negatives are mined from a Flat index of the teacher ads); teacher
 needs `queries labels ads` (and mines hard negatives when `teacher_queries ads_emb` are given). `dev_queries
-dev_labels` evaluate the result over the teacher ad embeddings (`hlm.phase_eval`; `dev_teacher_queries` adds the
-teacher's row and recovery).
+dev_labels` evaluate the result over the teacher ad embeddings (`hlm.evaluation.evaluate_dev`;
+`dev_teacher_queries` adds the teacher's row and recovery).
 
 The driver reads the (small) inputs into one `PhaseData`; each data-parallel rank takes `shard(rank, world)`.
 """
@@ -15,22 +15,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from hlm.config import TrainJob
-from hlm.data import DataError, read_ads, read_embeddings, read_labels, read_queries
+from hlm.config import AlignmentObjective, Phase, TrainJob
+from hlm.data import DataError, read_ads, read_labels, read_queries
 from hlm.index import AdIndex
 from hlm.mining import Pairs, mine_hard_negatives, positive_pairs, relevant_from_labels
-from hlm.space import check_same_space
+from hlm.space import Embeddings, check_same_space
 
 TRAIN_INPUTS = ("queries", "teacher_queries", "ads_emb", "labels", "ads")
-NEEDS = {"align": {"queries", "teacher_queries"}, "prune": {"queries", "teacher_queries"},
-         "refine": {"queries", "labels", "teacher_queries", "ads_emb"}, "teacher": {"queries", "labels", "ads"}}
-MAY = {"align": {"ads_emb", "ads"}, "prune": {"ads_emb", "ads"}, "refine": set(),
-       "teacher": {"teacher_queries", "ads_emb"}}
+NEEDS = {Phase.align: {"queries", "teacher_queries"}, Phase.prune: {"queries", "teacher_queries"},
+         Phase.refine: {"queries", "labels", "teacher_queries", "ads_emb"}, Phase.teacher: {"queries", "labels", "ads"}}
+MAY = {Phase.align: {"ads_emb", "ads"}, Phase.prune: {"ads_emb", "ads"}, Phase.refine: set(),
+       Phase.teacher: {"teacher_queries", "ads_emb"}}
 
 
 @dataclass(frozen=True)
@@ -52,21 +52,21 @@ def input_problem(job: TrainJob, inputs: PhaseInputs, name: Callable[[str], str]
     phase = job.phase
     given = {f for f in TRAIN_INPUTS if getattr(inputs, f)}
     names = lambda fs: ", ".join(sorted(name(f) for f in fs))  # noqa: E731
-    if phase == "prune" and not job.prune_schedule:
+    if phase is Phase.prune and not job.prune_schedule:
         return "phase prune needs train.prune_schedule, e.g. --set 'train.prune_schedule=[4, 2]'"
     if missing := NEEDS[phase] - given:
         return f"phase {phase} needs {names(missing)}"
     if unused := given - NEEDS[phase] - MAY[phase]:
         return f"phase {phase} does not use {names(unused)}"
-    if phase in ("align", "prune") and job.objective == "score_kl" and not inputs.ads_emb:
+    if phase.aligns and job.objective == AlignmentObjective.SCORE_KL and not inputs.ads_emb:
         return f"train.objective=score_kl needs {name('ads_emb')}"
-    if phase in ("align", "prune") and inputs.ads and not inputs.ads_emb:
+    if phase.aligns and inputs.ads and not inputs.ads_emb:
         return f"aligning on {name('ads')} needs {name('ads_emb')}: their teacher embeddings are the targets"
-    if phase == "teacher" and bool(inputs.teacher_queries) != bool(inputs.ads_emb):
+    if phase is Phase.teacher and bool(inputs.teacher_queries) != bool(inputs.ads_emb):
         return f"hard negatives for phase teacher need both {names({'teacher_queries', 'ads_emb'})}"
     if bool(inputs.dev_queries) != bool(inputs.dev_labels):
         return f"{names({'dev_queries', 'dev_labels'})} go together"
-    if inputs.dev_queries and phase != "teacher" and not inputs.ads_emb:
+    if inputs.dev_queries and phase is not Phase.teacher and not inputs.ads_emb:
         return f"evaluating phase {phase} needs {name('ads_emb')} (the teacher ad embeddings)"
     if inputs.dev_teacher_queries and not (inputs.dev_queries and inputs.ads_emb):
         return f"{name('dev_teacher_queries')} needs {names({'dev_queries', 'dev_labels', 'ads_emb'})}"
@@ -102,27 +102,6 @@ def _take(values: Any, rows: np.ndarray) -> Any:
     return values[rows] if isinstance(values, np.ndarray) else [values[i] for i in rows]
 
 
-class Embeddings(NamedTuple):
-    ids: list[str]
-    emb: np.ndarray  # (n, D)
-    space: str  # fingerprint
-    source: Path
-    query_prompt: str  # what the model put before each query (ads get none)
-
-    @classmethod
-    def read(cls, path: Path) -> Embeddings:
-        ids, emb, meta = read_embeddings(path)
-        return cls(ids, emb, meta["fingerprint"], path, meta.get("query_prompt") or "")
-
-    def rows_for(self, wanted: list[str]) -> np.ndarray:
-        """Rows for `wanted` ids, in that order: (len(wanted), D); an id without an embedding names the file."""
-        row = {q: i for i, q in enumerate(self.ids)}
-        if missing := [q for q in wanted if q not in row]:
-            raise DataError(f"{self.source}: no embedding for {len(missing)} of {len(wanted)} ids "
-                            f"(e.g. {missing[:3]})")
-        return self.emb[[row[q] for q in wanted]]
-
-
 def read_phase_data(job: TrainJob, inputs: PhaseInputs) -> PhaseData:
     """Read and join the phase's inputs; raises DataError / SpaceMismatch naming the file."""
     queries = read_queries(inputs.queries)
@@ -130,15 +109,15 @@ def read_phase_data(job: TrainJob, inputs: PhaseInputs) -> PhaseData:
     ads = Embeddings.read(inputs.ads_emb) if inputs.ads_emb else None
     if teacher is not None and ads is not None:
         check_same_space(ads.space, teacher.space, f"teacher queries {teacher.source} vs ad embeddings {ads.source}")
-    if job.phase in ("align", "prune"):
+    if job.phase.aligns:
         texts, targets = queries["text"].to_pylist(), teacher.rows_for(queries["query_id"].to_pylist())
         if inputs.ads:
             ad_texts, ad_targets = _ads_as_queries(inputs.ads, ads)
             texts, targets = texts + ad_texts, np.concatenate([targets, ad_targets])
-        return PhaseData(texts, targets, ad_emb=ads.emb if job.objective == "score_kl" else None,
+        return PhaseData(texts, targets, ad_emb=ads.emb if job.objective == AlignmentObjective.SCORE_KL else None,
                          teacher_space=teacher.space)
     labels = read_labels(inputs.labels)
-    if job.phase == "refine":
+    if job.phase is Phase.refine:
         pairs = _with_file(inputs.labels, lambda: positive_pairs(queries, labels, ads.ids))
         pair_q = teacher.rows_for(pairs.query_ids)
         pairs = _mined(pairs, labels, pair_q, ads, job)

@@ -19,15 +19,15 @@ import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hlm.checkpoint import save_checkpoint
 from hlm.config import TrainJob
 from hlm.encoder import Encoder
-from hlm.train import OnStep, train_align
+from hlm.train import OnStep, Save, prepare_aligning_student, train_align
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,8 @@ def train_prune(student: Encoder, queries: list[str], teacher_q_emb: np.ndarray,
     count that runs on across the schedule and `n_layers`.
     """
     step_cfg = cfg.model_copy(update={"max_steps": cfg.steps_per_prune})
+    # a student narrower than the teacher gets its head before any layer goes (as `train_align` would give it)
+    student = prepare_aligning_student(student, queries, teacher_q_emb, cfg, teacher_space=teacher_space)
     folders, offset = [], 0
     for n in cfg.prune_schedule:
         if n >= num_layers(student):
@@ -166,16 +168,19 @@ def train_prune(student: Encoder, queries: list[str], teacher_q_emb: np.ndarray,
         if cfg.prune_ffn_ratio < 1:
             student = prune_ffn(student, max(1, round(cfg.prune_ffn_ratio * student.backbone.config.intermediate_size)))
         # 2. re-align
-        report = None if on_step is None else (
-            lambda step, metrics, state_fn, n=n, offset=offset: on_step(offset + step, {**metrics, "n_layers": n},
-                                                                        state_fn))
+        last: dict[str, Save] = {}
+
+        def report(step: int, metrics: dict[str, Any], save: Save, n: int = n, offset: int = offset) -> None:
+            last["save"] = save
+            if on_step is not None:
+                on_step(offset + step, {**metrics, "n_layers": n}, save)
+
         result = train_align(student, queries, teacher_q_emb, step_cfg, ad_emb=ad_emb, teacher_space=teacher_space,
                              on_step=report)
         student, offset = result.encoder, offset + result.step
         logger.info("%d layers: re-aligned, last loss %.4f", n, result.losses[-1])
-        # 3. save
-        folders.append(save_checkpoint(Path(out_dir) / f"layers-{n}", student, result.optimizer_state, result.step,
-                                       step_cfg, student.settings.target_space))
+        # 3. save: the checkpoint of the stage's last step
+        folders.append(last["save"](Path(out_dir) / f"layers-{n}"))
         if on_stage is not None:
             on_stage(n, folders[-1])
     return folders

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hlm.config import Config, TrainJob
+from hlm.config import Config, Phase, TrainJob
 
 TrainOverrides = dict[str, Any]  # keys of TrainJob; validated by RecipeConfig
 
@@ -71,8 +71,9 @@ class RecipeConfig(Config):
 
     @model_validator(mode="after")
     def _overrides_fit_train(self) -> RecipeConfig:
-        for phase, name in (("teacher", "teacher"), ("align", "align"), ("prune", "prune"), ("refine", "refine"),
-                            ("teacher", "direct_baseline"), ("refine", "paper_baseline")):
+        for phase, name in ((Phase.teacher, "teacher"), (Phase.align, "align"), (Phase.prune, "prune"),
+                            (Phase.refine, "refine"), (Phase.teacher, "direct_baseline"),
+                            (Phase.refine, "paper_baseline")):
             if getattr(self.recipe, name) is not None:
                 try:
                     phase_job(self, name, phase)
@@ -84,7 +85,7 @@ class RecipeConfig(Config):
         return Path(self.recipe.out) / name
 
 
-def phase_job(cfg: RecipeConfig, stage: str, phase: str, **fixed: Any) -> TrainJob:
+def phase_job(cfg: RecipeConfig, stage: str, phase: Phase, **fixed: Any) -> TrainJob:
     """`cfg.train` with `recipe.<stage>`'s overrides and `fixed` on top, as phase `phase`."""
     overrides = getattr(cfg.recipe, stage) or {}
     return TrainJob.model_validate({**cfg.train.model_dump(), **overrides, **fixed, "phase": phase})

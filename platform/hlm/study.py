@@ -20,17 +20,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from pydantic import Field
 
-from hlm.config import Config, _Section
-from hlm.data import DataError, qrels_from_labels, read_embeddings, read_labels, read_queries
+from hlm.config import AlignmentObjective, Config, Schedule, Width, _Section
+from hlm.data import qrels_from_labels, read_embeddings, read_labels, read_queries
 from hlm.encoder import Encoder
 from hlm.evaluation import encoder_speed, retrieval_quality
 from hlm.index import AdIndex
 from hlm.metrics import PRIMARY_METRIC, recovery_table
 from hlm.pruning import num_layers, prune_layers
-from hlm.train import train_align, truncated_space
+from hlm.space import Embeddings, space_at_width, truncate
+from hlm.train import train_align
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,12 @@ logger = logging.getLogger(__name__)
 class StudySweep(_Section):
     """The axes of `pipelines.study`; the first value of each axis is the base point."""
 
-    objectives: list[Literal["l2", "cosine", "score_kl"]] = Field(["l2", "cosine", "score_kl"], min_length=1)
-    widths: list[Literal["projection", "truncate"]] = Field(["projection", "truncate"], min_length=1)
+    objectives: list[AlignmentObjective] = Field(list(AlignmentObjective), min_length=1)
+    widths: list[Width] = Field(["projection", "truncate"], min_length=1)
     depths: list[int] = Field([6, 3], min_length=1, description="student layers kept (one-shot pruning before "
                               "alignment); a value ≥ the student's depth means unpruned")
     lrs: list[float] = Field([1e-4, 3e-4], min_length=1, description="peak learning rates (train.schedule applies)")
-    schedules: list[Literal["cosine", "linear", "constant"]] = Field(["cosine"], min_length=1)
+    schedules: list[Schedule] = Field(["cosine"], min_length=1)
     design: Literal["one_at_a_time", "grid"] = Field("one_at_a_time", description="one_at_a_time: the base point "
                                                      "plus one trial per other value of each axis; grid: all")
     cpus_per_trial: float = Field(2.0, gt=0, description="trials run one at a time so latencies are comparable")
@@ -56,11 +56,11 @@ class StudyConfig(Config):
 
 @dataclass(frozen=True)
 class Trial:
-    objective: str
-    width: str
+    objective: AlignmentObjective
+    width: Width
     depth: int
     lr: float
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
 
     @property
     def name(self) -> str:
@@ -89,24 +89,6 @@ def trials(sweep: StudySweep) -> list[Trial]:
     return list(dict.fromkeys([Trial(**base), *varied]))  # a repeated value would repeat the base
 
 
-def embeddings_for(ids: list[str], path: Path) -> tuple[np.ndarray, str]:
-    """(rows of the embeddings at `path` in the order of `ids`, space fingerprint); names a missing id."""
-    emb_ids, emb, space = read_embeddings(path)
-    row = {i: r for r, i in enumerate(emb_ids)}
-    missing = [i for i in ids if i not in row]
-    if missing:
-        raise DataError(f"{path}: no embedding for {len(missing)} of {len(ids)} queries (e.g. {missing[:3]})")
-    return emb[[row[i] for i in ids]], space["fingerprint"]
-
-
-def cut(emb: np.ndarray, dim: int) -> np.ndarray:
-    """The first `dim` columns, renormalised: a truncated teacher space (identity when already `dim` wide)."""
-    if emb.shape[1] == dim:
-        return emb
-    part = np.ascontiguousarray(emb[:, :dim])
-    return part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
-
-
 def dev_split(inputs: StudyInputs) -> tuple[list[str], list[str], dict]:
     """(query ids, texts, qrels) of the dev split."""
     queries, qrels = read_queries(inputs.dev_queries), qrels_from_labels(read_labels(inputs.dev_labels))
@@ -116,15 +98,16 @@ def dev_split(inputs: StudyInputs) -> tuple[list[str], list[str], dict]:
 def teacher_quality(inputs: StudyInputs) -> dict[str, float]:
     """The teacher's dev metrics from its stored dev query embeddings: no teacher forward pass is needed."""
     ids, _, qrels = dev_split(inputs)
-    ad_ids, ad_emb, space = read_embeddings(inputs.ads_emb)
-    q_emb, _ = embeddings_for(ids, inputs.dev_teacher_queries)
-    return retrieval_quality(AdIndex.build(ad_ids, ad_emb, space["fingerprint"], "Flat"), q_emb, ids, qrels)
+    ads = Embeddings.read(inputs.ads_emb)
+    q_emb = Embeddings.read(inputs.dev_teacher_queries).rows_for(ids)
+    return retrieval_quality(AdIndex.build(ads.ids, ads.emb, ads.space, "Flat"), q_emb, ids, qrels)
 
 
 def run_trial(trial: Trial, cfg: StudyConfig, inputs: StudyInputs, teacher: dict[str, float]) -> dict:
     """Align a fresh student with `trial`'s settings; its dev quality, recovery vs `teacher` and speed."""
     train = read_queries(inputs.train_queries)
-    target, space = embeddings_for(train["query_id"].to_pylist(), inputs.teacher_queries)
+    teacher_queries = Embeddings.read(inputs.teacher_queries)
+    target, space = teacher_queries.rows_for(train["query_id"].to_pylist()), teacher_queries.space
     ad_ids, ad_emb, _ = read_embeddings(inputs.ads_emb)
 
     student = Encoder.load(cfg.student, cfg.runtime)
@@ -133,12 +116,12 @@ def run_trial(trial: Trial, cfg: StudyConfig, inputs: StudyInputs, teacher: dict
     train_cfg = cfg.train.model_copy(update={"objective": trial.objective, "width": trial.width, "lr": trial.lr,
                                              "schedule": trial.schedule})
     result = train_align(student, train["text"].to_pylist(), target, train_cfg, teacher_space=space,
-                         ad_emb=ad_emb if trial.objective == "score_kl" else None)
+                         ad_emb=ad_emb if trial.objective == AlignmentObjective.SCORE_KL else None)
     student = result.encoder
 
     ids, texts, qrels = dev_split(inputs)
     d = student.dim
-    index = AdIndex.build(ad_ids, cut(ad_emb, d), space if d == ad_emb.shape[1] else truncated_space(space, d), "Flat")
+    index = AdIndex.build(ad_ids, truncate(ad_emb, d), space_at_width(space, ad_emb.shape[1], d), "Flat")
     quality = retrieval_quality(index, student.encode(texts), ids, qrels)
     speed = encoder_speed(student, texts[:cfg.study.latency_queries], n_latency=cfg.study.latency_queries)
     return {"trial": trial.name, **asdict(trial), "dim": d, "layers": num_layers(student),

@@ -17,33 +17,32 @@ Shapes: `q_emb (B, d)`, `ad_emb (N, d)`, hard negatives `(B, K, d)`, `scores (B,
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from hlm.checkpoint import save_checkpoint
-from hlm.config import TrainJob
+from hlm.config import TrainJob, Width
 from hlm.distributed import data_parallel, global_batch
 from hlm.encoder import Encoder, Kind
 from hlm.lora import add_lora
 from hlm.losses import alignment_loss, contrastive_loss, l2_alignment
 from hlm.projection import fit_head
+from hlm.space import space_at_width, truncate
 
 logger = logging.getLogger(__name__)
 
-StateFn = Callable[[], dict]  # -> {"model": state_dict, "optimizer": state_dict, "step": int}
-OnStep = Callable[[int, dict[str, Any], StateFn], None]  # (step done, metrics, state_fn)
+Save = Callable[[str | Path], Path]  # (folder) -> folder: `hlm.checkpoint.save_checkpoint` of the step just done
+OnStep = Callable[[int, dict[str, Any], Save], None]  # (step done, metrics with "checkpoint_due", save)
 Encode = Callable[[list[str], Kind], Tensor]  # (texts, kind) -> float32 (n, d), with gradients
 StepLoss = Callable[[Encode, np.ndarray], Tensor]  # (encode, batch rows) -> scalar
 
@@ -54,7 +53,6 @@ class TrainResult:
     step: int  # optimizer steps done, counting those before a resume
     losses: list[float]  # one per step of this call
     optimizer_state: dict
-    checkpoints: list[Path] = field(default_factory=list)
     samples_per_s: float = 0.0
 
 
@@ -87,12 +85,7 @@ def batch_indices(step: int, n_rows: int, cfg: TrainJob) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- width
 
 
-def truncated_space(space: str, dim: int) -> str:
-    """Fingerprint of a space whose vectors are its first `dim` dims, renormalised (ads must be cut the same way)."""
-    return hashlib.sha256(f"{space}|truncate|{dim}".encode()).hexdigest()[:16]
-
-
-def prepare_student(student: Encoder, teacher_dim: int, width: str, *, teacher_space: str | None = None,
+def prepare_student(student: Encoder, teacher_dim: int, width: Width, *, teacher_space: str | None = None,
                     fit: tuple[list[str], np.ndarray] | None = None, seed: int = 0) -> Encoder:
     """Make the student meet a `teacher_dim`-wide teacher and record the space it is aligned to.
 
@@ -100,7 +93,7 @@ def prepare_student(student: Encoder, teacher_dim: int, width: str, *, teacher_s
     with `student`. With `fit=(queries, teacher_q_emb (n, D))` the head starts as the least-squares map onto
     those targets (`hlm.projection`), else as an orthogonal isometry of the student's own space.
     truncate: the student keeps its width d ≤ teacher_dim; its targets are the teacher's first d dims,
-    renormalised, and its space is `truncated_space(teacher_space, d)`.
+    renormalised, and its space is `hlm.space.truncated_space(teacher_space, d)`.
     """
     if width == "projection" and student.dim != teacher_dim:
         student = Encoder(student.backbone, student.tokenizer, replace(student.settings, projection_dim=teacher_dim))
@@ -112,17 +105,23 @@ def prepare_student(student: Encoder, teacher_dim: int, width: str, *, teacher_s
     if student.dim > teacher_dim:
         raise ValueError(f"student width {student.dim} is wider than the teacher's {teacher_dim} (width={width})")
     if teacher_space is not None:
-        same = student.dim == teacher_dim
-        student.settings.target_space = teacher_space if same else truncated_space(teacher_space, student.dim)
+        student.settings.target_space = space_at_width(teacher_space, teacher_dim, student.dim)
     return student
+
+
+def prepare_aligning_student(student: Encoder, queries: list[str], teacher_q_emb: np.ndarray, cfg: TrainJob, *,
+                             teacher_space: str | None = None) -> Encoder:
+    """`prepare_student` for the phases that align to teacher_q_emb (n, D): a fresh head starts at the least-squares
+    map onto those targets when cfg.projection_init says so."""
+    targets = (queries, teacher_q_emb) if cfg.projection_init == "least_squares" else None
+    return prepare_student(student, teacher_q_emb.shape[1], cfg.width, teacher_space=teacher_space, fit=targets,
+                           seed=cfg.seed)
 
 
 def _rows(emb: np.ndarray, idx: np.ndarray, dim: int, device: torch.device) -> Tensor:
     """emb[idx] as float32 on `device`, cut to `dim` and renormalised when wider (truncate mode): (*idx.shape, dim)."""
-    t = torch.from_numpy(np.asarray(emb[idx], dtype=np.float32))  # (*idx.shape, D), a copy of those rows only
-    if t.shape[-1] != dim:
-        t = F.normalize(t[..., :dim], dim=-1)  # (*idx.shape, dim)
-    return t.to(device)
+    rows = np.asarray(emb[idx], dtype=np.float32)  # (*idx.shape, D), a copy of those rows only
+    return torch.from_numpy(truncate(rows, dim)).to(device)  # (*idx.shape, dim)
 
 
 # ---------------------------------------------------------------------------------------------- phases
@@ -130,7 +129,7 @@ def _rows(emb: np.ndarray, idx: np.ndarray, dim: int, device: torch.device) -> T
 
 def train_align(student: Encoder, queries: list[str], teacher_q_emb: np.ndarray, cfg: TrainJob, *,
                 ad_emb: np.ndarray | None = None, teacher_space: str | None = None,
-                checkpoint_dir: str | Path | None = None, on_step: OnStep | None = None, start_step: int = 0,
+                on_step: OnStep | None = None, start_step: int = 0,
                 optimizer_state: dict | None = None) -> TrainResult:
     """Phase 2: `cfg.objective` (L2 by default) between the student's and the teacher's query embeddings.
 
@@ -139,9 +138,7 @@ def train_align(student: Encoder, queries: list[str], teacher_q_emb: np.ndarray,
     # 1. build: a projection head or truncated targets when the widths differ
     if len(queries) != len(teacher_q_emb):
         raise ValueError(f"{len(queries)} queries but {len(teacher_q_emb)} teacher embeddings")
-    targets = (queries, teacher_q_emb) if cfg.projection_init == "least_squares" else None
-    student = prepare_student(student, teacher_q_emb.shape[1], cfg.width, teacher_space=teacher_space,
-                              fit=targets, seed=cfg.seed)
+    student = prepare_aligning_student(student, queries, teacher_q_emb, cfg, teacher_space=teacher_space)
     d = student.dim
     # 2. data: teacher rows are gathered per batch; a score_kl ad set sits on the device whole
     ads = None if ad_emb is None else _rows(ad_emb, np.arange(len(ad_emb)), d, student.device)  # (N, d)
@@ -152,14 +149,14 @@ def train_align(student: Encoder, queries: list[str], teacher_q_emb: np.ndarray,
         return alignment_loss(cfg.objective, q_emb, t_emb, ads, temperature=cfg.temperature)
 
     # 3-5. optimiser, loop, save
-    return fit(student, len(queries), step_loss, cfg, checkpoint_dir=checkpoint_dir, on_step=on_step,
-               start_step=start_step, optimizer_state=optimizer_state)
+    return fit(student, len(queries), step_loss, cfg, on_step=on_step, start_step=start_step,
+               optimizer_state=optimizer_state)
 
 
 def train_refine(student: Encoder, queries: list[str], positive_ad_idx: np.ndarray, ad_emb: np.ndarray,
                  cfg: TrainJob, *, hard_negative_idx: np.ndarray | None = None,
                  teacher_q_emb: np.ndarray | None = None, teacher_space: str | None = None,
-                 checkpoint_dir: str | Path | None = None, on_step: OnStep | None = None, start_step: int = 0,
+                 on_step: OnStep | None = None, start_step: int = 0,
                  optimizer_state: dict | None = None) -> TrainResult:
     """Phase 4: `cfg.contrastive` against frozen teacher ad vectors (+ λ·L2 to teacher queries if l2_weight > 0).
 
@@ -190,13 +187,13 @@ def train_refine(student: Encoder, queries: list[str], positive_ad_idx: np.ndarr
         return loss if target is None else loss + cfg.l2_weight * l2_alignment(q_emb, target)
 
     # 3-5. optimiser, loop, save
-    return fit(student, len(queries), step_loss, cfg, checkpoint_dir=checkpoint_dir, on_step=on_step,
-               start_step=start_step, optimizer_state=optimizer_state)
+    return fit(student, len(queries), step_loss, cfg, on_step=on_step, start_step=start_step,
+               optimizer_state=optimizer_state)
 
 
 def train_teacher(encoder: Encoder, queries: list[str], ads_text_pos: list[str], cfg: TrainJob, *,
-                  hard_negative_texts: list[list[str]] | None = None, checkpoint_dir: str | Path | None = None,
-                  on_step: OnStep | None = None, start_step: int = 0,
+                  hard_negative_texts: list[list[str]] | None = None, on_step: OnStep | None = None,
+                  start_step: int = 0,
                   optimizer_state: dict | None = None) -> TrainResult:
     """Phase 1: a symmetric dual encoder — one set of weights encodes queries (kind="query") and ads (kind="ad").
 
@@ -225,8 +222,8 @@ def train_teacher(encoder: Encoder, queries: list[str], ads_text_pos: list[str],
                                 margin=cfg.margin)
 
     # 3-5. optimiser, loop, save
-    return fit(encoder, len(queries), step_loss, cfg, checkpoint_dir=checkpoint_dir, on_step=on_step,
-               start_step=start_step, optimizer_state=optimizer_state)
+    return fit(encoder, len(queries), step_loss, cfg, on_step=on_step, start_step=start_step,
+               optimizer_state=optimizer_state)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -240,10 +237,13 @@ def make_optimizer(model: nn.Module, cfg: TrainJob) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def fit(model: Encoder, n_rows: int, step_loss: StepLoss, cfg: TrainJob, *,
-        checkpoint_dir: str | Path | None = None, on_step: OnStep | None = None, start_step: int = 0,
-        optimizer_state: dict | None = None) -> TrainResult:
-    """Run steps start_step … total-1; checkpoint every cfg.checkpoint_every steps and at the end (if a dir).
+def fit(model: Encoder, n_rows: int, step_loss: StepLoss, cfg: TrainJob, *, on_step: OnStep | None = None,
+        start_step: int = 0, optimizer_state: dict | None = None) -> TrainResult:
+    """Run steps start_step … total-1, calling on_step(step done, metrics, save) after each.
+
+    `save(folder)` writes the checkpoint of that step (`hlm.checkpoint`: the one checkpoint format; the caller
+    picks where), and metrics["checkpoint_due"] says when one is due: every cfg.checkpoint_every steps and at
+    the end.
 
     Gradients are averaged over ranks by DDP when a process group is up, so each rank passes its own shard of
     rows (n_rows each) and all ranks end every step with the same weights. The weights and optimizer state keep
@@ -267,7 +267,7 @@ def fit(model: Encoder, n_rows: int, step_loss: StepLoss, cfg: TrainJob, *,
         optimizer.load_state_dict(optimizer_state)
     # 4. loop
     model.train()
-    losses, checkpoints, seen, t0 = [], [], 0, time.perf_counter()
+    losses, seen, t0 = [], 0, time.perf_counter()
     for step in (bar := tqdm(range(start_step, total), initial=start_step, total=total, desc="train", disable=None)):
         lr = lr_at(step, cfg, total)
         for group in optimizer.param_groups:
@@ -283,19 +283,18 @@ def fit(model: Encoder, n_rows: int, step_loss: StepLoss, cfg: TrainJob, *,
 
         done, seen = step + 1, seen + len(idx)
         losses.append(loss.item())
-        metrics: dict[str, Any] = {"loss": losses[-1], "lr": lr, "samples_per_s": seen / (time.perf_counter() - t0)}
-        if checkpoint_dir is not None and (done == total or cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-            folder = Path(checkpoint_dir) / f"step-{done:07d}"
-            checkpoints.append(save_checkpoint(folder, model, optimizer, done, cfg, model.settings.target_space))
-            metrics["checkpoint"] = str(folder)
+        due = done == total or bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+        metrics: dict[str, Any] = {"loss": losses[-1], "lr": lr, "samples_per_s": seen / (time.perf_counter() - t0),
+                                   "checkpoint_due": due}
         if done % cfg.log_every == 0 or done == total:
             logger.info("step %d/%d loss %.4f lr %.2e %.0f samples/s", done, total, losses[-1], lr,
                         metrics["samples_per_s"])
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if on_step is not None:
-            on_step(done, metrics, lambda done=done: {"model": model.state_dict(),
-                                                      "optimizer": optimizer.state_dict(), "step": done})
+            on_step(done, metrics, lambda folder, done=done: save_checkpoint(folder, model, optimizer, done, cfg,
+                                                                             model.settings.target_space))
     model.eval()
-    # 5. save: the caller (or checkpoint_dir above) decides where the trained encoder goes
-    return TrainResult(model, max(total, start_step), losses, optimizer.state_dict(), checkpoints,
+    # 5. save: the caller decides where the trained encoder goes (on_step's save, or TrainResult.encoder)
+    return TrainResult(model, max(total, start_step), losses, optimizer.state_dict(),
                        seen / max(time.perf_counter() - t0, 1e-9))
+

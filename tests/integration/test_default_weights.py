@@ -8,8 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from hlm import pretrained
 from hlm.encoder import Encoder
-from hlm.pretrained import STUDENT, TEACHER, WeightsError, resolve_model, student_folder, teacher_folder, verify_sha256
+from hlm.pretrained import STUDENT, TEACHER, WeightsError, resolve_model, student_folder, teacher_folder
 
 pytestmark = pytest.mark.integration
 
@@ -39,20 +40,30 @@ def test_tampered_teacher_weights_are_refused(tmp_path, monkeypatch):
         resolve_model("teacher-default")
 
 
-def test_tampered_student_weights_are_refused(tmp_path):
+def test_tampered_student_weights_are_refused(tmp_path, monkeypatch):
+    # Given the installed student package resolves, and a copy of its weights with three bytes overwritten
+    assert resolve_model("student-default")[1].weights_sha256 == STUDENT.sha256
     copy = tmp_path / "model.safetensors"
     shutil.copy(student_folder() / "model.safetensors", copy)
     with open(copy, "r+b") as f:
         f.seek(1000)
         f.write(b"\x00\x01\x02")
-    verify_sha256(student_folder() / "model.safetensors", STUDENT.sha256)
-    with pytest.raises(WeightsError, match="does not match the pinned"):
-        verify_sha256(copy, STUDENT.sha256)
+    # When the package's folder holds the tampered copy instead
+    monkeypatch.setattr(pretrained, "student_folder", lambda: tmp_path)
+    # Then resolving the default refuses it, naming the file
+    with pytest.raises(WeightsError, match=r"model\.safetensors.*does not match the pinned"):
+        resolve_model("student-default")
 
 
-def test_default_embeddings_are_deterministic():
-    encoder = Encoder.load("student-default")
-    np.testing.assert_array_equal(encoder.encode(["lamp"]), encoder.encode(["lamp"]))
+def test_default_embeddings_do_not_depend_on_the_load_or_the_batch_they_are_in():
+    # Given two separate loads of the student
+    first, second = Encoder.load("student-default"), Encoder.load("student-default")
+    # When "lamp" is encoded alone by one, and by the other padded in a batch beside a long text
+    alone = first.encode(["lamp"])
+    batched = second.encode(["a cordless drill driver with two batteries, a charger and a carrying case", "lamp"])
+    # Then it is the same unit vector (no dropout at inference, padding masked out of the pooling)
+    np.testing.assert_allclose(batched[1:], alone, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(alone, axis=1), 1.0, atol=1e-5)
 
 
 @pytest.mark.parametrize(("name", "head"), [("student-default", 768), ("teacher-default", None)])

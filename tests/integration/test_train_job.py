@@ -13,13 +13,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from hlm.checkpoint import load_checkpoint
 from hlm.encoder import Encoder
+from hlm.phase_data import read_phase_data
 from hlm.pruning import num_layers
+from hlm.space import Embeddings
+from pipelines import train as train_job
 from pipelines.train import main
 
 pytestmark = pytest.mark.integration
@@ -90,14 +94,39 @@ def test_a_second_run_with_the_same_run_name_resumes_from_its_last_checkpoint(ra
 
 
 def test_refine_trains_against_frozen_teacher_ads_with_mined_hard_negatives(ray_cluster, tiny_bert_dir, catalog_split,
-                                                                            tmp_path, capsys):
+                                                                            tmp_path, capsys, monkeypatch):
+    # Given the teacher's ad embeddings, and a spy on the training data the driver hands to the workers
+    ads_file, handed = catalog_split["ads_emb"], []
+    ads_bytes, ads = ads_file.read_bytes(), Embeddings.read(catalog_split["ads_emb"])
+    monkeypatch.setattr(train_job, "read_phase_data", lambda job, inputs: handed.append(read_phase_data(job, inputs))
+                        or handed[-1])
+    # When refine runs with 3 hard negatives per pair mined from the teacher's ranks [0, 30)
     out = tmp_path / "refine"
-    code = main(job_args(catalog_split, "refine", out, "train.max_steps=4", init=tiny_bert_dir))
+    code = main(job_args(catalog_split, "refine", out, "train.max_steps=4", "train.hard_negatives=3",
+                         "train.hard_negative_ranks=[0, 30]", init=tiny_bert_dir))
     assert code == 0
     record = json.loads((out / "metrics.json").read_text())
     assert (record["steps"], record["workers"]) == (4, 1) and record["final_loss"] > 0
-    assert Encoder.load(out / "model").space == catalog_split["space"] and "recovery/P@100" in record["dev"]
     assert "trained phase refine" in capsys.readouterr().out
+    # Then the workers trained against the teacher's ad vectors as written, and the file is untouched
+    data = handed[0]
+    assert np.array_equal(data.ad_emb, ads.emb) and ads_file.read_bytes() == ads_bytes
+    assert Encoder.load(out / "model").space == catalog_split["space"] and "recovery/P@100" in record["dev"]
+    # and each pair carried 3 negatives from the teacher's top 30 for its query, none of them labelled relevant
+    assert data.hard_negative_idx.shape == (len(data.queries), 3)
+    ranks = (-(data.teacher_q_emb @ ads.emb.T)).argsort(axis=1).argsort(axis=1)  # (n, N) teacher rank of each ad
+    assert (np.take_along_axis(ranks, data.hard_negative_idx, axis=1) < 30).all()
+    queries, labels = pq.read_table(catalog_split["train_queries"]), pq.read_table(catalog_split["root"] /
+                                                                                  "train/labels.parquet")
+    qid = dict(zip(queries["text"].to_pylist(), queries["query_id"].to_pylist(), strict=True))
+    relevant = {(q, a) for q, a, y in zip(*(labels[c].to_pylist() for c in ("query_id", "ad_id", "label")),
+                                          strict=True) if y > 0}
+    assert not any((qid[text], ads.ids[j]) in relevant
+                   for text, row in zip(data.queries, data.hard_negative_idx, strict=True) for j in row)
+    # and the negatives reach the loss: the same first step without them has a lower InfoNCE
+    assert main(job_args(catalog_split, "refine", tmp_path / "in-batch", "train.max_steps=1", "train.hard_negatives=0",
+                         init=tiny_bert_dir, dev=False)) == 0
+    assert json.loads((tmp_path / "in-batch" / "metrics.json").read_text())["first_loss"] < record["first_loss"]
 
 
 def test_prune_on_two_workers_writes_one_encoder_folder_per_schedule_step(ray_cluster, tiny_bert_dir, catalog_split,

@@ -1,6 +1,6 @@
 """The encoder benchmark in quick mode on tiny models writes a result record with the keys the summary reads.
 
-Speed itself is never asserted (DESIGN.md, Benchmarks): these pin the record's shape and the summary. The
+Speed itself is never asserted (docs/design.md, "Benchmarks"): these pin the record's shape and the summary. The
 benchmarks that need Redis or Ray are in tests/integration/test_bench_services.py.
 """
 

@@ -2,7 +2,7 @@
 
 ray_cluster.yaml is checked against the JSON schema inside the installed ray package (and the offline half of
 what `ray up` checks), the KubeRay manifests against Serve's schema and `AppArgs`, every `python -m pipelines.X`
-they name against pipelines/, and the image and the Redis config against the rules in DESIGN.md.
+they name against pipelines/, and the image and the Redis config against the rules in docs/design.md.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def test_the_nightly_refresh_is_among_the_entrypoints_found():
 def test_every_pipelines_entrypoint_names_a_job_module_that_exists(file: str, module: str):
     path = REPO.joinpath(*module.split(".")).with_suffix(".py")
     assert path.is_file(), (f"{file} runs `python -m {module}`, but {path.relative_to(REPO)} does not exist: "
-                            "write the job (DESIGN.md 'Jobs') or stop naming it")
+                            "write the job (docs/design.md, 'Jobs') or stop naming it")
 
 
 @pytest.mark.parametrize(("file", "module", "args"), [e for e in entrypoints() if "--config" in e[2]])

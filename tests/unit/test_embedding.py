@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from hlm.embedding import EmbedBatch, embed_plain, validate_inputs
+from hlm.encoder import Encoder
+from hlm.tiny import save_tiny_encoder
 
 
 def test_rejected_rows_keep_their_file_row_even_after_deleted_rows_and_across_files(tmp_path):
@@ -19,7 +23,14 @@ def test_rejected_rows_keep_their_file_row_even_after_deleted_rows_and_across_fi
                         ("2.parquet", 1, "ad_id duplicate id seen earlier in the input")]
 
 
-def test_plain_loop_reference_keeps_ids_and_order(tmp_path, tiny_bert_dir):
-    rows = pa.table({"id": ["x", "y", "z"], "text": ["drill", "lamp", "paint"]})
-    out = embed_plain(rows, EmbedBatch({"model": str(tiny_bert_dir)}, "ads", batch_size=2), batch_size=2)
+@pytest.mark.parametrize(("kind", "encoder_kind"), [("ads", "ad"), ("queries", "query")])
+def test_plain_loop_reference_gives_each_id_the_encoders_vector_of_its_text(tmp_path, kind, encoder_kind):
+    # Given three rows, embedded two at a time by a model whose queries get a prompt and ads do not
+    model = save_tiny_encoder(tmp_path / "qwen3", "qwen3")
+    texts = ["drill", "lamp", "paint"]
+    rows = pa.table({"id": ["x", "y", "z"], "text": texts})
+    out = embed_plain(rows, EmbedBatch({"model": str(model)}, kind, batch_size=2), batch_size=2)
+    # Then each id keeps its row and holds Encoder.encode's vector of its text, as that kind
     assert out["id"].to_pylist() == ["x", "y", "z"] and out.schema.field("embedding").type.list_size == 32
+    got = np.stack(out["embedding"].to_numpy(zero_copy_only=False))  # (3, 32)
+    np.testing.assert_allclose(got, Encoder.load(model).encode(texts, kind=encoder_kind), atol=1e-5)

@@ -27,6 +27,17 @@ def test_a_query_equal_to_its_relevant_ad_scores_perfectly():
     assert m["P@1"] == 1.0 and m["MRR@1"] == 1.0 and m["R@1"] == 1.0
 
 
+def test_exact_search_over_fewer_ads_than_k_scores_every_ad():
+    rng = np.random.default_rng(0)
+    ad_emb = rng.normal(size=(20, 8)).astype(np.float32)
+    ad_emb /= np.linalg.norm(ad_emb, axis=1, keepdims=True)
+    ad_ids, query_ids = [f"a{i}" for i in range(20)], [f"q{i}" for i in range(10)]
+    qrels = {q: {ad_ids[2 * i]: 1.0} for i, q in enumerate(query_ids)}
+    index = AdIndex.build(ad_ids, ad_emb, "s")
+    m = retrieval_quality(index, ad_emb[::2], query_ids, qrels, ks=(1, 100))  # query i is ad 2i; k=100 > 20 ads
+    assert m["P@1"] == m["R@1"] == m["MRR@1"] == m["R@100"] == 1.0 and m["P@100"] == pytest.approx(0.01)
+
+
 def test_compare_reports_recovery_and_speed_ratios_against_the_teacher(tmp_path):
     teacher = tiny_encoder("bert", seed=0)
     index = AdIndex.build([f"a{i}" for i in range(len(ADS))], teacher.encode(ADS, kind="ad"), teacher.space)
@@ -37,11 +48,16 @@ def test_compare_reports_recovery_and_speed_ratios_against_the_teacher(tmp_path)
                                                                                  own_index=True)],
                       QUERIES, ["q0", "q1", "q2"], qrels, teacher="teacher")
     by_name = {r.name: r for r in reports}
-    assert by_name["teacher"].recovery["P@100"] == 1.0 and by_name["teacher"].speed["latency_speedup"] == 1.0
-    assert by_name["student"].params < by_name["teacher"].params
+    t, s = by_name["teacher"], by_name["student"]
+    # recovery is each of the student's metrics over the teacher's, and the speed-ups are teacher time over student's
+    assert s.recovery == pytest.approx({m: s.quality[m] / t.quality[m] for m in t.quality})
+    assert any(v != pytest.approx(1.0) for v in s.recovery.values())  # the two models really differ
+    assert s.speed["latency_speedup"] == pytest.approx(t.speed["latency_p50_ms"] / s.speed["latency_p50_ms"])
+    assert t.recovery == pytest.approx(dict.fromkeys(t.quality, 1.0)) and t.speed["latency_speedup"] == 1.0
+    assert s.params < t.params
     # a row searched in its own index is scored there: its P@100 is its own retrieval, not the teacher's
-    assert by_name["student"].index == "own" and by_name["teacher"].index == "teacher"
-    assert by_name["student"].quality == retrieval_quality(own, student.encode(QUERIES), ["q0", "q1", "q2"], qrels)
+    assert s.index == "own" and t.index == "teacher"
+    assert s.quality == retrieval_quality(own, student.encode(QUERIES), ["q0", "q1", "q2"], qrels)
     paths = write_report(reports, tmp_path)
     assert "| student | own |" in paths["md"].read_text() and paths["plot"].stat().st_size > 0
     assert [r["name"] for r in json.loads(paths["json"].read_text())] == ["teacher", "student"]

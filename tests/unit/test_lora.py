@@ -63,7 +63,7 @@ def test_a_lora_checkpoint_is_the_plain_merged_model_and_resumes_the_run(tmp_pat
     job = teacher_job(max_steps=4, checkpoint_every=2)
     hard = [[ADS[(i + 1) % len(ADS)]] for i in range(len(ADS))]
     full = train_teacher(tiny_encoder("qwen3", seed=0), QUERIES, ADS, job, hard_negative_texts=hard,
-                         checkpoint_dir=tmp_path)
+                         on_step=lambda step, m, save: m["checkpoint_due"] and save(tmp_path / f"step-{step:07d}"))
     plain = merged(full.encoder)
     assert has_lora(full.encoder) and not has_lora(plain)
     # Then the final checkpoint loads with Encoder.load as a plain HF model that encodes as the merged model does

@@ -7,7 +7,6 @@ import pytest
 import pytrec_eval
 
 from hlm.metrics import (
-    GREATER_IS_BETTER,
     PRIMARY_METRIC,
     Qrels,
     Run,
@@ -103,7 +102,6 @@ def test_evaluate_reports_all_four_metrics_at_each_k_including_the_primary_one()
 
     assert set(metrics) == {f"{name}@{k}" for name in ("P", "R", "nDCG", "MRR") for k in (10, 100)}
     assert PRIMARY_METRIC in metrics
-    assert GREATER_IS_BETTER is True
     assert metrics["MRR@10"] == mrr_at_k(RUN, QRELS, 10)
 
 

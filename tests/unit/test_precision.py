@@ -1,4 +1,5 @@
-"""Every inference precision against the fp32 reference on a tiny model (style principle 11), and the refusals."""
+"""Every inference precision against the fp32 reference on a tiny model (docs/design.md, "Code style" 11),
+and the refusals."""
 
 from __future__ import annotations
 

@@ -1,22 +1,18 @@
-"""The study's pure pieces (trial layout, Pareto front, truncation, id join) and one trial run in-process."""
+"""The study's pure pieces (trial layout, Pareto front) and one trial run in-process."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from hlm.config import load_config
-from hlm.data import DataError, write_embeddings
 from hlm.metrics import PRIMARY_METRIC
 from hlm.study import (
     StudyConfig,
     StudyInputs,
     StudySweep,
     Trial,
-    cut,
-    embeddings_for,
     pareto_front,
     run_trial,
     teacher_quality,
@@ -47,21 +43,6 @@ def test_pareto_front_keeps_points_no_other_point_beats_on_both_axes():
     # (latency, recovery): b dominates a; c is faster but worse; d is dominated by c
     points = [(10.0, 0.90), (8.0, 0.95), (3.0, 0.80), (4.0, 0.70)]
     assert pareto_front(points) == [1, 2]
-
-
-def test_cut_takes_the_first_dims_and_renormalises():
-    emb = np.array([[3.0, 4.0, 12.0]], dtype=np.float32) / 13.0
-    assert np.allclose(cut(emb, 2), [[0.6, 0.8]])
-    assert cut(emb, 3) is emb
-
-
-def test_embeddings_for_names_the_file_and_a_missing_query(tmp_path):
-    path = write_embeddings(tmp_path / "q.parquet", ["a", "b"], np.eye(2, dtype=np.float32),
-                            {"fingerprint": "f" * 16, "dim": 2, "model": "m", "pooling": "mean", "normalized": True})
-    rows, space = embeddings_for(["b", "a"], path)
-    assert np.array_equal(rows, [[0, 1], [1, 0]]) and space == "f" * 16
-    with pytest.raises(DataError, match=r"q\.parquet.*'zz'"):
-        embeddings_for(["a", "zz"], path)
 
 
 def test_a_trial_aligns_a_student_and_reports_quality_recovery_and_speed(catalog_split, tiny_bert_dir, tmp_path):
