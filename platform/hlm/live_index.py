@@ -24,6 +24,8 @@ from hlm.space import SpaceMismatch
 from hlm.store import IndexStore, IntegrityError, StoreError, UnknownVersion
 
 logger = logging.getLogger(__name__)
+SPACE_HINT = (" (the student is not aligned to the teacher that embedded this index's ads: serve the student the "
+              "recipe aligned to that teacher, not student-default)")
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class LiveIndex:
         get what it would get alone."""
         snap = self.snapshot
         if snap is None:
-            raise StoreError(f"index {self.store.name}: no version loaded yet")
+            raise StoreError(self._not_ready())
         ks = [k] * len(q_emb) if isinstance(k, int | np.integer) else list(k)
         if len(ks) != len(q_emb):
             raise ValueError(f"{len(ks)} values of k for {len(q_emb)} queries")
@@ -100,9 +102,10 @@ class LiveIndex:
             index = self.store.load(version, expected_space=self.expected_space)
         # Redis answered and this version will never load (other space, bad bytes, no manifest): don't fetch it again.
         except (SpaceMismatch, IntegrityError, UnknownVersion) as e:
-            self.state.refused[version] = str(e)
-            self.state.last_error = str(e)
-            logger.error("refused version %s, still serving %s: %s", version, self._serving(), e)
+            reason = str(e) + (SPACE_HINT if isinstance(e, SpaceMismatch) else "")
+            self.state.refused[version] = reason
+            self.state.last_error = reason
+            logger.error("refused version %s, still serving %s: %s", version, self._serving(), reason)
             return False
         except (StoreError, redis.RedisError) as e:  # Redis trouble: transient, retried on the next poll
             self.state.last_error = str(e)
@@ -112,6 +115,16 @@ class LiveIndex:
         self.state.last_error = None
         logger.info("serving %s version %s (%d ads)", self.store.name, version, index.ntotal)
         return True
+
+    def _not_ready(self) -> str:
+        """Why there is nothing to search: what a 503 from /v1/search says."""
+        why = f"index {self.store.name}: no version loaded yet"
+        if self.state.refused:
+            version, reason = next(reversed(self.state.refused.items()))
+            why += f"; refused version {version}: {reason}"
+        elif self.state.last_error:
+            why += f" ({self.state.last_error})"
+        return why
 
     def _serving(self) -> str | None:
         return self.snapshot.version if self.snapshot else None
