@@ -1,8 +1,9 @@
 """The Ray Serve application: one hop by default, the `Api` replica that takes a request encodes and searches it.
 
-    serve run serving.app:app                  # local, defaults (student-default, index "ads")
-    serve run serving.app:build_app index=ads  # builder with arguments
-    serve deploy serving/config.yaml           # the production-shaped config
+    serve run serving.app:build_app student=runs/refine/model   # the student aligned to the index's teacher
+    serve run serving/config.yaml               # the same, production-shaped (serve deploy it on a cluster)
+    serve run serving.app:app                   # defaults: student-default, which is in its own space, so it
+                                                # refuses a teacher-built index (503); for tests and own-space indexes
 
 Deployments only wire: batching is `hlm.batcher.MicroBatcher`, encoding `hlm.encoder.Encoder`, search and refresh
 `hlm.live_index.LiveIndex`, the HTTP contract `hlm.api`, the topology and the Serve options `hlm.deployment`
