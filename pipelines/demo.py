@@ -4,7 +4,9 @@ prepare a catalogue → run the recipe job (`pipelines.recipe`: embed ads and qu
 align the student to the teacher's query space, refine it against the frozen teacher ad embeddings, evaluate
 teacher vs students over the full ad index, publish the index to a project-owned Redis) → serve the refined
 student with Ray Serve and send a few queries. The recipe's config is left in OUT/recipe.yaml: rerun it with
-`python -m pipelines.recipe --config OUT/recipe.yaml` (every finished stage is skipped).
+`python -m pipelines.recipe --config OUT/recipe.yaml` (every finished stage is skipped). The Serve config the demo
+served is left in OUT/serve.yaml (serving/config.yaml with the refined student, which is in the space of the
+teacher's index): after publishing that index to a Redis, `serve run OUT/serve.yaml` serves it again.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import yaml
 
 from hlm.catalog import generate_catalog, split_queries
 from hlm.cli import job_parser, start_job
-from hlm.config import Config, ModelRef
+from hlm.config import Config
 from hlm.importers import write_dataset
 from hlm.recipe import RecipeConfig
 from hlm.stages import stage_table
@@ -63,6 +65,18 @@ def demo_recipe(cfg: Config, out: Path, redis_url: str, align_epochs: int, refin
     return RecipeConfig.model_validate(settings)
 
 
+def write_serve_config(out: Path, student: Path) -> Path:
+    """OUT/serve.yaml: serving/config.yaml serving `student` (a folder aligned to the published index's teacher).
+    The Redis URL stays unset: `serve run` then reads $HLM_REDIS_URL, else redis://127.0.0.1:6379/0."""
+    config = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
+    for app in config["applications"]:
+        app["args"]["student"] = {"model": str(Path(student).resolve())}
+    path = out / "serve.yaml"
+    path.write_text("# Written by `make demo`: serving/config.yaml serving its refined student (README, \"Serve\")\n"
+                    + yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -95,24 +109,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"published index 'ads' version {version} to {redis_url}")
 
         banner("3/3 serve the refined student against the published index (Ray Serve)")
-        student = recipe.out(f"refine-L{recipe.depths[0]}", "model")
-        serve_and_query(student, redis_url, args.serve_seconds,
+        serve_yaml = write_serve_config(out, recipe.out(f"refine-L{recipe.depths[0]}", "model"))
+        serve_and_query(serve_yaml, redis_url, args.serve_seconds,
                         dict(zip(train.ads["ad_id"].to_pylist(), train.ads["title"].to_pylist(), strict=True)))
     finally:
         subprocess.run(["kill", redis_pid], check=False)
         ray.shutdown()
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s; everything it wrote is under {out}")
+    print(f"serve it again (its Redis is gone: start one and publish the teacher's ad index first):\n"
+          f"  infra/redis/start.sh 6379 runs/redis\n"
+          f"  python -m pipelines.publish_index --embeddings {recipe.out('ads')} --index ads "
+          f"--redis-url redis://127.0.0.1:6379/0\n"
+          f"  serve run {serve_yaml}")
     return 0
 
 
-def serve_and_query(student: Path, redis_url: str, serve_seconds: float, titles: dict[str, str]) -> None:
+def serve_and_query(serve_yaml: Path, redis_url: str, serve_seconds: float, titles: dict[str, str]) -> None:
+    """Serve the app of `serve_yaml` (what the demo leaves) against `redis_url` and send the demo queries."""
     from ray import serve
 
     from serving.app import build_app
 
+    args = yaml.safe_load(serve_yaml.read_text())["applications"][0]["args"]
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-    serve.run(build_app({"student": ModelRef(model=str(student)).model_dump(), "redis_url": redis_url,
-                         "max_replicas": 1}), name="hlm", route_prefix="/")
+    serve.run(build_app({**args, "redis_url": redis_url, "max_replicas": 1}), name="hlm", route_prefix="/")
     url = "http://127.0.0.1:8000"
     for query in DEMO_QUERIES:
         body = requests.post(f"{url}/v1/search", json={"query": query, "k": 3}, timeout=60).json()

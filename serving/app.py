@@ -1,8 +1,9 @@
 """The Ray Serve application: one hop by default, the `Api` replica that takes a request encodes and searches it.
 
-    serve run serving.app:app                  # local, defaults (student-default, index "ads")
-    serve run serving.app:build_app index=ads  # builder with arguments
-    serve deploy serving/config.yaml           # the production-shaped config
+    serve run serving.app:build_app student=runs/refine/model   # the student aligned to the index's teacher
+    serve run serving/config.yaml               # the same, production-shaped (serve deploy it on a cluster)
+    serve run serving.app:app                   # defaults: student-default, which is in its own space, so it
+                                                # refuses a teacher-built index (503); for tests and own-space indexes
 
 Deployments only wire: batching is `hlm.batcher.MicroBatcher`, encoding `hlm.encoder.Encoder`, search and refresh
 `hlm.live_index.LiveIndex`, the HTTP contract `hlm.api`, the topology and the Serve options `hlm.deployment`
@@ -157,7 +158,9 @@ class Api:
             raise _encoder_timed_out(self.downstream_timeout_s) from e
         except StoreError as e:  # nothing loaded yet: the service is not ready, the request was fine
             logger.warning("search answered 503: %s (index status %s)", e, self.live.status())
-            raise _unavailable("no index version is loaded on this replica yet, retry") from e
+            refusal = self.live.refusal()  # the user's to fix; Redis trouble stays in the log
+            raise _unavailable("no index version is loaded on this replica yet, retry"
+                               + (f"; {refusal}" if refusal else "")) from e
         model_version = (await self._model_info())["model_version"]
         return Response(search_response_json(hits, version, model_version), media_type="application/json")
 

@@ -6,6 +6,7 @@ port=${1:?usage: start.sh PORT DIR}
 dir=${2:?usage: start.sh PORT DIR}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)  # redis-server chdirs to --dir before opening --logfile: a relative DIR must not reach it
 redis-server "$here/redis.conf" --port "$port" --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" \
   --logfile "$dir/redis.log" ${REDIS_PASSWORD:+--requirepass "$REDIS_PASSWORD"} "${@:3}"
 for _ in $(seq 50); do

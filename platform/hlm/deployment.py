@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 import os
 from enum import StrEnum
+from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from hlm.api import API_KEY_ENV
 from hlm.config import ModelRef, Profile
@@ -43,7 +44,10 @@ class AppArgs(BaseModel):
     profile: Profile = Profile.cpu
     topology: Topology = Field(Topology.one_hop, description="one_hop: Api owns student + index; split: a "
                                "QueryEncoder tier encodes each batch (encoders and index memory scale apart)")
-    student: ModelRef = ModelRef(model="student-default")
+    student: ModelRef = Field(ModelRef(model="student-default"), description=(
+        "the student to serve: a folder or a mapping {model, precision, …}. It must be in the space of the teacher "
+        "that built the index (a student the recipe aligned to it); any other space, student-default's own "
+        "included, has every index version refused and /v1/search answers 503"))
     index: str = Field("ads", description="index name in Redis (keys hlm:{index}:*)")
     redis_url: str | None = Field(None, description="default: $HLM_REDIS_URL, else redis://127.0.0.1:6379/0")
     poll_s: float = Field(2.0, gt=0, description="how often replicas check hlm:{index}:current")
@@ -71,6 +75,16 @@ class AppArgs(BaseModel):
     api_key: SecretStr | None = Field(None, description=(
         f"require this key on /v1/* except GET /v1/healthz; ${API_KEY_ENV} wins when set. Prefer the "
         "environment: these args are readable by anyone who can run `serve config`"))
+
+    @field_validator("student", mode="before")
+    @classmethod
+    def _student_path(cls, value: object) -> object:
+        """`student=PATH` (what `serve run serving.app:build_app student=PATH` passes) means {model: PATH}. A
+        relative folder that exists here is made absolute: replicas do not share the caller's working directory."""
+        if isinstance(value, str | Path):
+            folder = Path(value).expanduser()
+            return {"model": str(folder.resolve()) if folder.is_dir() else str(value)}
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> AppArgs:

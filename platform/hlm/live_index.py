@@ -24,9 +24,12 @@ import redis
 
 from hlm.index import AdIndex
 from hlm.memory import available_memory_bytes
+from hlm.space import SpaceMismatch
 from hlm.store import IndexStore, StoreError, StoreUnavailable
 
 logger = logging.getLogger(__name__)
+SPACE_HINT = (" (the student is not aligned to the teacher that embedded this index's ads: serve the student the "
+              "recipe aligned to that teacher, not student-default)")
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class LiveIndex:
         get what it would get alone."""
         snap = self.snapshot
         if snap is None:
-            raise StoreError(f"index {self.store.name}: no version loaded yet")
+            raise StoreError(self._not_ready())
         ks = [k] * len(q_emb) if isinstance(k, int | np.integer) else list(k)
         if len(ks) != len(q_emb):
             raise ValueError(f"{len(ks)} values of k for {len(q_emb)} queries")
@@ -114,7 +117,8 @@ class LiveIndex:
         # Redis answered and this version did not load (other space, bad bytes, no manifest, FAISS could not read
         # it, anything else): retrying the same bytes gives the same answer, so don't fetch it again.
         except Exception as e:
-            self.state.refused[version] = why = f"{type(e).__name__}: {e}"
+            why = f"{type(e).__name__}: {e}" + (SPACE_HINT if isinstance(e, SpaceMismatch) else "")
+            self.state.refused[version] = why
             self.state.last_error = why
             logger.error("refused version %s, still serving %s: %s", version, self._serving(), why)
             return False
@@ -133,6 +137,20 @@ class LiveIndex:
             return None
         return (f"not enough memory to load {self.store.name} version {version}: it needs about {need / 2**20:.0f} "
                 f"MiB, {free / 2**20:.0f} MiB are available")
+
+    def refusal(self) -> str | None:
+        """The latest refused version and why (short, no traceback): what a 503 from /v1/search may tell a client."""
+        if not self.state.refused:
+            return None
+        version, reason = next(reversed(self.state.refused.items()))
+        return f"refused version {version}: {reason}"
+
+    def _not_ready(self) -> str:
+        """Why there is nothing to search, for the replica's log."""
+        why = f"index {self.store.name}: no version loaded yet"
+        if refusal := self.refusal():
+            return f"{why}; {refusal}"
+        return f"{why} ({self.state.last_error})" if self.state.last_error else why
 
     def _serving(self) -> str | None:
         return self.snapshot.version if self.snapshot else None

@@ -150,9 +150,16 @@ def test_rayservice_serve_config_is_serving_config_with_the_gpu_profile():
     for app in expected:
         assert app["args"]["profile"] == "cpu"
         app["args"]["profile"] = "gpu"
+        app["args"]["student"] = {"model": "/mnt/hlm/runs/refine/model"}  # the aligned student, on the shared volume
         del app["deployments"]
     assert [{k: v for k, v in app.items() if k != "deployments"} for app in serve_config["applications"]] == expected
     assert serve_config["proxy_location"] == local["proxy_location"]
+    # And every Ray pod mounts the volume the student is read from
+    for where, spec in [("head", the_one("RayService")["spec"]["rayClusterConfig"]["headGroupSpec"])] + [
+            (g["groupName"], g) for g in the_one("RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]]:
+        pod = spec["template"]["spec"]
+        assert {"name": "hlm-data", "persistentVolumeClaim": {"claimName": "hlm-data"}} in pod["volumes"], where
+        assert {"name": "hlm-data", "mountPath": "/mnt/hlm", "readOnly": True} in pod["containers"][0]["volumeMounts"]
     assert serve_config["http_options"]["port"] == local["http_options"]["port"]
 
 

@@ -12,7 +12,7 @@ import redis
 
 from hlm.index import AdIndex
 from hlm.live_index import LiveIndex
-from hlm.store import IndexStore
+from hlm.store import IndexStore, StoreError
 
 N, D_MODEL = 50, 8
 
@@ -90,6 +90,20 @@ def test_an_index_of_another_space_is_refused(live: LiveIndex, store: IndexStore
     store.publish(small_index(1, space="space-b"), version="v2")
     assert not live.refresh()
     assert served_version(live) == "v1" and "space-b" in live.status()["refused"]["v2"]
+
+
+def test_a_student_of_another_space_says_why_it_has_nothing_to_search(store: IndexStore) -> None:
+    # Given only an index of the teacher's space, and a replica whose student is in another space (student-default's)
+    store.publish(small_index(0, space="teacher-space"), version="v1")
+    live = LiveIndex(store, "student-own-space")
+    # When it refreshes and a request comes in
+    assert not live.refresh()
+    # Then the request's error (a 503 in serving) names the refused version, both spaces and the student to serve
+    with pytest.raises(StoreError) as refused:
+        served_version(live)
+    why = str(refused.value)
+    assert "no version loaded yet; refused version v1" in why
+    assert "teacher-space" in why and "student-own-space" in why and "not student-default" in why
 
 
 def test_redis_trouble_is_retried_not_refused(live: LiveIndex, store: IndexStore,
