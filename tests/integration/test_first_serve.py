@@ -16,7 +16,8 @@ from hlm.data import read_embeddings
 from hlm.deployment import AppArgs
 from hlm.encoder import Encoder, space_of
 from hlm.index import AdIndex
-from hlm.store import IndexStore, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore
 from hlm.tiny import save_tiny_encoder
 from pipelines.demo import write_serve_config
 from tests.conftest import assert_valid_serve_config, free_port

@@ -11,7 +11,8 @@ import pytest
 from hlm.data import read_embeddings
 from hlm.encoder import Encoder
 from hlm.index import AdIndex
-from hlm.store import IndexStore, redis_client
+from hlm.redis_client import redis_client
+from hlm.store import IndexStore
 from hlm.tiny import save_tiny_encoder
 
 pytestmark = pytest.mark.integration
