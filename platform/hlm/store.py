@@ -1,6 +1,6 @@
 """Versioned FAISS indexes in Redis: publish, verify, load, roll back, garbage-collect.
 
-Key layout (DESIGN.md, "Index store in Redis")::
+Key layout (docs/design.md, "Index store in Redis")::
 
     hlm:{index}:current                -> version id (moved last, atomically)
     hlm:{index}:versions               -> list of version ids, newest first
@@ -166,7 +166,7 @@ class IndexStore:
         blob, ids_blob = index.to_bytes()
         if len(ids_blob) > REDIS_MAX_VALUE:
             raise PublishError(f"the ad ids take {len(ids_blob)} bytes, over Redis's 512 MiB value limit; "
-                               "at this scale keep the blob in object storage (DESIGN.md)")
+                               "at this scale keep the blob in object storage (docs/design.md)")
         chunks = [memoryview(blob)[i:i + self.chunk_bytes] for i in range(0, len(blob), self.chunk_bytes)]
         manifest = {
             "version": version, "space": index.space, "dim": index.dim, "count": index.ntotal,
