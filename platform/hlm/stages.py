@@ -9,24 +9,22 @@ the stages it builds on, so a change anywhere upstream changes every key downstr
 - otherwise the stage **runs** into a fresh hidden staging path and that path replaces the folder in one
   rename: a reader sees the old complete output or the new one, never a half-written one. A stage killed
   mid-run leaves only the staging path, which the next run removes before it starts; a stage that keeps its
-  own resume state (a Ray Train run named after the key) picks up where it stopped.
+  own resume state (a Ray Train run named after the key) picks up where it stopped. Staging, lock and rename
+  are `hlm.staging.StagedOutput`'s, as for every job output: one live run per folder, fsync'd before it shows.
 
 Stages run in the given order, which must list every stage after the stages it builds on.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hlm.staging import SUCCESS, file_identity, job_key
+from hlm.staging import StagedOutput, file_identity, job_key
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +55,6 @@ class StageResult:
     record: dict[str, Any]
 
 
-def done_record(folder: Path, key: str) -> dict[str, Any] | None:
-    """The success record when `folder` holds the output of exactly this key, else None."""
-    marker = folder / SUCCESS
-    if not marker.exists():
-        return None
-    record = json.loads(marker.read_text())
-    return record if record.get("job_key") == key else None
-
-
 def run_stages(stages: Sequence[Stage], root: Path) -> list[StageResult]:
     """Run what is not done yet, in order; returns one result per stage (the stage table)."""
     names = [s.name for s in stages]
@@ -75,22 +64,22 @@ def run_stages(stages: Sequence[Stage], root: Path) -> list[StageResult]:
     results = []
     for stage in stages:
         key = keys[stage.name] = stage.key(keys)
-        folder = root / stage.name
-        if (record := done_record(folder, key)) is not None:
-            logger.info("stage %s: done already (%s)", stage.name, folder)
-            results.append(StageResult(stage.name, "skipped", 0.0, folder, key, record))
+        out = StagedOutput(root / stage.name, key)
+        if (record := out.record()) is not None and record.get("job_key") == key:
+            logger.info("stage %s: done already (%s)", stage.name, out.final)
+            results.append(StageResult(stage.name, "skipped", 0.0, out.final, key, record))
             continue
         logger.info("stage %s: running (key %s)", stage.name, key)
         started = time.perf_counter()
-        staging = folder.with_name(f".{folder.name}.staging")
-        shutil.rmtree(staging, ignore_errors=True)  # the leftovers of a killed run
-        staging.parent.mkdir(parents=True, exist_ok=True)
-        record = {**_relocated(stage.run(staging, dict(keys)), staging, folder), "job_key": key,
-                  "seconds": round(time.perf_counter() - started, 1)}
-        staging.mkdir(exist_ok=True)
-        (staging / SUCCESS).write_text(json.dumps(record, indent=2, default=str))
-        _replace(staging, folder)
-        results.append(StageResult(stage.name, "ran", record["seconds"], folder, key, record))
+        staging = out.begin(create=False)  # the stage makes its folder (an embed or train job's own output)
+        try:
+            record = _relocated(stage.run(staging, dict(keys)), staging, out.final)
+        except BaseException:
+            out.release()
+            raise
+        record = {**record, "job_key": key, "seconds": round(time.perf_counter() - started, 1)}
+        out.commit(record, replace=True)  # the old output stays whole until the new one is in place
+        results.append(StageResult(stage.name, "ran", record["seconds"], out.final, key, record))
     return results
 
 
@@ -103,16 +92,6 @@ def _relocated(record: Any, staging: Path, folder: Path) -> Any:
     if isinstance(record, str | Path) and str(record).startswith(str(staging)):
         return str(folder) + str(record)[len(str(staging)):]
     return record
-
-
-def _replace(new: Path, folder: Path) -> None:
-    """Put `new` at `folder` by renames only: the old output stays whole until the new one is in place."""
-    old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.rename(folder, old)
-    os.rename(new, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def stage_table(results: Sequence[StageResult]) -> str:

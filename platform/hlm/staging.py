@@ -57,33 +57,48 @@ class StagedOutput:
     def lock_file(self) -> Path:
         return self.final.with_name(f".{self.final.name}.lock")
 
+    def record(self) -> dict | None:
+        """The success record in `final`, whichever job wrote it; None when there is no finished output."""
+        marker = self.final / SUCCESS
+        return json.loads(marker.read_text()) if marker.exists() else None
+
     def finished(self) -> dict | None:
         """The success record if `final` already holds this job's output; raise if it holds another's."""
-        marker = self.final / SUCCESS
         if not self.final.exists():
             return None
-        record = json.loads(marker.read_text()) if marker.exists() else {}
+        record = self.record() or {}
         if record.get("job_key") != self.key:
             raise OutputExists(f"{self.final} already exists and holds a different job's output "
                                f"(job key {record.get('job_key')}, this job {self.key}); choose another folder")
         return record
 
-    def begin(self) -> Path:
-        """Take the output's lock, then give a clean, empty staging folder (a dead run's leftovers are removed)."""
+    def begin(self, create: bool = True) -> Path:
+        """Take the output's lock, then give a clean staging path (a dead run's leftovers are removed): an empty
+        folder, or with ``create=False`` only its parent, for a writer that makes the folder itself."""
         self.lock()
         if self.staging.exists():
             logger.warning("removing the leftovers of an unfinished run in %s", self.staging)
             shutil.rmtree(self.staging)
-        self.staging.mkdir(parents=True)
+        self.staging.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.staging.mkdir()
         return self.staging
 
-    def commit(self, record: dict) -> Path:
-        """Write the success record, make everything durable, and make the folder visible in one rename."""
+    def commit(self, record: dict, replace: bool = False) -> Path:
+        """Write the success record, make everything durable, and make the folder visible in one rename; with
+        ``replace``, an older output in `final` is moved aside first and stays whole until the new one is in place."""
+        self.staging.mkdir(parents=True, exist_ok=True)
         (self.staging / SUCCESS).write_text(json.dumps({**record, "job_key": self.key}, indent=2, default=str))
         _fsync_tree(self.staging)
         self.final.parent.mkdir(parents=True, exist_ok=True)
+        old = self.final.with_name(f".{self.final.name}.old")
+        if replace:
+            shutil.rmtree(old, ignore_errors=True)
+            if self.final.exists():
+                os.rename(self.final, old)
         os.rename(self.staging, self.final)
         _fsync(self.final.parent)  # the rename itself
+        shutil.rmtree(old, ignore_errors=True)
         self.release()
         return self.final
 

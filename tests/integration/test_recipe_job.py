@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from hlm.encoder import Encoder
-from hlm.stages import SUCCESS
+from hlm.staging import SUCCESS
 from pipelines.recipe import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]  # the module fixture runs 16 stages

@@ -9,7 +9,8 @@ import pytest
 
 from hlm.config import ConfigError, load_config
 from hlm.recipe import RecipeConfig, phase_job
-from hlm.stages import SUCCESS, Stage, run_stages, stage_table
+from hlm.stages import Stage, run_stages, stage_table
+from hlm.staging import SUCCESS
 
 
 def writer(calls: list[str], name: str, fail: bool = False):
