@@ -1,10 +1,10 @@
-"""Versioned FAISS indexes in Redis: publish, verify, load, roll back, garbage-collect.
+"""Versioned FAISS indexes in Redis: publish, verify, load (rollback and gc: hlm.retention).
 
 Key layout (docs/design.md, "Index store in Redis")::
 
     hlm:{index}:current                -> version id (moved last, atomically)
     hlm:{index}:versions               -> list of version ids, newest first
-    hlm:{index}:v:{ver}:manifest       -> JSON: space, dim, count, factory, n_chunks, sha256, created_at, source, …
+    hlm:{index}:v:{ver}:manifest       -> JSON (hlm.manifest): sizes, sha256s, space, …, HMAC signature
     hlm:{index}:v:{ver}:chunk:{i}      -> bytes of faiss.serialize_index, ≤ chunk_bytes each
     hlm:{index}:v:{ver}:ids            -> ad ids (Arrow IPC), position i = FAISS id i
     hlm:{index}:v:{ver}:writing        -> heartbeat of the publish in flight (PX TTL, renewed per chunk)
@@ -16,10 +16,10 @@ writes the manifest, the chunks and the ids, reads the chunks back to check thei
 sets ``current``, pushes onto ``versions`` and publishes the id in one MULTI/EXEC — so a publisher that
 fails at any point leaves ``current`` on the previous complete version. That MULTI/EXEC is a compare-and-set:
 it commits only if ``current`` is still the version the publish started from, so a late publisher never
-undoes a newer publish or an operator's rollback. Leftovers of a killed publish (a manifest, no heartbeat,
-not in ``versions``) are orphans: the next publish removes them before writing, and so does gc. Liveness is
-the heartbeat's TTL, i.e. Redis's clock, never a publisher's. Readers poll ``current`` (the source of
-truth); the pub/sub message is only a hint. Only bytes and JSON go into Redis, never pickle.
+undoes a newer publish or an operator's rollback. The next publish removes a killed publish's leftovers
+(orphans, hlm.retention) before writing. Readers poll ``current`` (the source of truth); the pub/sub message
+is only a hint. With a manifest key (held outside Redis), every manifest is signed and a reader refuses a
+version whose manifest is unsigned or wrongly signed. Only bytes and JSON go into Redis, never pickle.
 """
 
 from __future__ import annotations
@@ -29,43 +29,23 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import faiss
 import redis
 
+from hlm import manifest as manifests
+from hlm import retention
 from hlm.index import AdIndex
+from hlm.manifest import MAX_INDEX_BYTES, MIB, REDIS_MAX_VALUE, ManifestError, sha256_hex
 from hlm.space import check_same_space
+from hlm.store_errors import IntegrityError, PublishError, StoreError, StoreUnavailable, UnknownVersion, redis_errors
 
+__all__ = ["IndexStore", "IntegrityError", "PublishError", "StoreError", "StoreUnavailable", "UnknownVersion",
+           "new_version"]  # the errors live in hlm.store_errors; callers import them from here
 logger = logging.getLogger(__name__)
 
-MIB = 1 << 20
-REDIS_MAX_VALUE = 512 * MIB  # Redis's default proto-max-bulk-len
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")  # no ':' or glob characters: keys and SCAN patterns stay exact
-
-
-class StoreError(RuntimeError):
-    """The index store cannot do what was asked (unknown version, Redis unreachable, …)."""
-
-
-class PublishError(StoreError):
-    """A publish did not complete; ``current`` still points to the previous version."""
-
-
-class IntegrityError(StoreError):
-    """A stored version is incomplete or its bytes do not match the manifest's sha256."""
-
-
-class UnknownVersion(StoreError):
-    """Redis answered and the version has no manifest: never published, garbage-collected or deleted."""
-
-
-class StoreUnavailable(StoreError):
-    """Redis did not answer or failed the command: transient, worth retrying."""
-
-
 _STARTED = object()  # publish(based_on=…) default: the `current` read when the publish starts
 
 
@@ -74,26 +54,15 @@ def new_version() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{secrets.token_hex(3)}"
 
 
-def _sha256(parts: list[bytes]) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part)
-    return h.hexdigest()
-
-
-@contextmanager
-def _redis_errors(what: str, error: type[StoreError] = StoreUnavailable) -> Iterator[None]:
-    try:
-        yield
-    except redis.RedisError as e:
-        raise error(f"{what}: Redis error {type(e).__name__}: {e}") from e
-
-
 class IndexStore:
     """Versions of one named index in Redis (see the module docstring for the key layout)."""
 
     def __init__(self, client: redis.Redis, name: str, *, chunk_bytes: int = 64 * MIB, keep: int = 3,
-                 heartbeat_s: float = 120.0) -> None:
+                 heartbeat_s: float = 120.0, signing_key: bytes | None = None,
+                 max_index_bytes: int = MAX_INDEX_BYTES) -> None:
+        """``signing_key`` (None: ``hlm.manifest.signing_key_from_env()``, a Secret outside Redis) signs every
+        manifest published and is required of every manifest read: without one, nothing is signed or checked.
+        ``max_index_bytes`` bounds what a manifest may make a reader allocate."""
         if not _NAME.match(name):
             raise ValueError(f"index name {name!r} must match {_NAME.pattern}")
         if not 1 <= chunk_bytes <= REDIS_MAX_VALUE:
@@ -104,6 +73,8 @@ class IndexStore:
             raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
         self.client, self.name, self.chunk_bytes, self.keep = client, name, chunk_bytes, keep
         self.heartbeat_ms = int(heartbeat_s * 1000)  # longer than writing one chunk, or gc takes a live publish
+        self.signing_key = signing_key if signing_key is not None else manifests.signing_key_from_env()
+        self.max_index_bytes = max_index_bytes
         self.prefix = f"hlm:{name}"
         self.current_key, self.versions_key = f"{self.prefix}:current", f"{self.prefix}:versions"
         self.channel, self.lease_key = f"{self.prefix}:events", f"{self.prefix}:lease"
@@ -129,26 +100,32 @@ class IndexStore:
     # ------------------------------------------------------------------------------------------ reads
 
     def current(self) -> str | None:
-        with _redis_errors(f"reading {self.current_key}"):
+        with redis_errors(f"reading {self.current_key}"):
             value = self.client.get(self.current_key)
         return value.decode() if value is not None else None
 
     def versions(self) -> list[str]:
         """Published version ids, newest first."""
-        with _redis_errors(f"reading {self.versions_key}"):
+        with redis_errors(f"reading {self.versions_key}"):
             return [v.decode() for v in self.client.lrange(self.versions_key, 0, -1)]
 
     def manifest(self, version: str) -> dict:
-        with _redis_errors(f"reading the manifest of {self.name} version {version}"):
+        """The version's manifest, trusted: signed with this store's key (when it has one), naming this version
+        and index, its sizes within bounds (hlm.manifest); IntegrityError otherwise, before any chunk is read."""
+        with redis_errors(f"reading the manifest of {self.name} version {version}"):
             raw = self.client.get(self.manifest_key(version))
         if raw is None:
             raise UnknownVersion(f"index {self.name}: no version {version!r} (no {self.manifest_key(version)})")
         try:
-            manifest = json.loads(raw)
-        except ValueError as e:
-            raise IntegrityError(f"index {self.name} version {version}: the manifest is not valid JSON ({e})") from e
-        if not isinstance(manifest, dict):
-            raise IntegrityError(f"index {self.name} version {version}: the manifest is not a JSON object")
+            manifest = manifests.parse(raw)
+            if self.signing_key is not None:
+                manifests.verify(manifest, self.signing_key)
+            for name, expected in (("version", version), ("index", self.name)):  # unsigned legacy: no "index"
+                if manifest.get(name, expected) != expected:
+                    raise ManifestError(f"the manifest is of {name} {manifest[name]!r}, not {expected!r}")
+            manifests.check_bounds(manifest, max_bytes=self.max_index_bytes)
+        except ManifestError as e:
+            raise IntegrityError(f"index {self.name} version {version}: {e}") from e
         return manifest
 
     # ------------------------------------------------------------------------------------------ publish
@@ -164,25 +141,21 @@ class IndexStore:
         if not _NAME.match(version):
             raise ValueError(f"version id {version!r} must match {_NAME.pattern}")
         blob, ids_blob = index.to_bytes()
-        if len(ids_blob) > REDIS_MAX_VALUE:
-            raise PublishError(f"the ad ids take {len(ids_blob)} bytes, over Redis's 512 MiB value limit; "
-                               "at this scale keep the blob in object storage (docs/design.md)")
         chunks = [memoryview(blob)[i:i + self.chunk_bytes] for i in range(0, len(blob), self.chunk_bytes)]
-        manifest = {
-            "version": version, "space": index.space, "dim": index.dim, "count": index.ntotal,
-            "factory": index.factory, "n_chunks": len(chunks), "size": len(blob), "chunk_bytes": self.chunk_bytes,
-            "sha256": _sha256([blob]), "ids_sha256": _sha256([ids_blob]),
-            "created_at": datetime.now(UTC).isoformat(), "source": source, "format": 1,
-            "faiss_version": faiss.__version__,  # a reader with another FAISS can say why it cannot deserialise
-        }
         what = f"publishing {self.name} version {version}"
-        with _redis_errors(f"{what} failed; current is unchanged", PublishError):
+        try:  # within the bounds readers check, signed when this store has a key
+            manifest = manifests.describe(index, blob, ids_blob, index_name=self.name, version=version,
+                                          chunk_bytes=self.chunk_bytes, source=source, key=self.signing_key,
+                                          max_bytes=self.max_index_bytes)
+        except ManifestError as e:
+            raise PublishError(f"{what}: {e}") from e
+        with redis_errors(f"{what} failed; current is unchanged", PublishError):
             if based_on is _STARTED:
                 raw = self.client.get(self.current_key)  # not self.current(): a Redis error here is a PublishError
                 based_on = raw.decode() if raw is not None else None
             if version.encode() in self.client.lrange(self.versions_key, 0, -1) or self._version_keys(version):
                 raise PublishError(f"{what}: version {version!r} already exists")
-            self._delete_orphans()  # under noeviction a dead publish's keys would leave no room for this one
+            retention.delete_orphans(self)  # under noeviction a dead publish's keys would leave no room for this one
             heartbeat = self.heartbeat_key(version)
             try:  # heartbeat, then manifest: every leftover of a failed publish has a manifest (see gc)
                 self.client.set(heartbeat, b"1", px=self.heartbeat_ms)
@@ -222,7 +195,7 @@ class IndexStore:
         for i in range(manifest["n_chunks"]):
             h.update(self.client.get(self.chunk_key(version, i)) or b"")
         ids_blob = self.client.get(self.ids_key(version)) or b""
-        if h.hexdigest() != manifest["sha256"] or _sha256([ids_blob]) != manifest["ids_sha256"]:
+        if h.hexdigest() != manifest["sha256"] or sha256_hex([ids_blob]) != manifest["ids_sha256"]:
             raise PublishError(f"publishing {self.name} version {version}: the bytes read back do not match "
                                f"the sha256 written; the partial version was deleted")
 
@@ -286,15 +259,11 @@ class IndexStore:
 
     def _fetch(self, version: str, manifest: dict, what: str) -> tuple[bytearray, bytes]:
         """The index bytes, one chunk at a time into one preallocated buffer (peak ≈ one copy plus one chunk,
-        not the chunk list plus their join), sha256-checked; then the ids. The manifest's sizes are checked
-        against each other first, so a bad manifest cannot make this allocate or fetch without bound."""
+        not the chunk list plus their join), sha256-checked; then the ids. ``manifest()`` bounded the sizes, so a
+        bad manifest cannot make this allocate or fetch without bound."""
         size, n, chunk = manifest["size"], manifest["n_chunks"], manifest["chunk_bytes"]
-        if not (isinstance(size, int) and isinstance(n, int) and isinstance(chunk, int) and 0 < chunk <= REDIS_MAX_VALUE
-                and size >= 0 and n == -(-size // chunk)):
-            raise IntegrityError(f"{what}: the manifest's size {size!r}, n_chunks {n!r} and chunk_bytes {chunk!r} "
-                                 "do not agree; refusing to fetch")
         buffer, h, pos, missing = bytearray(size), hashlib.sha256(), 0, []
-        with _redis_errors(f"loading {what}"):
+        with redis_errors(f"loading {what}"):
             for i in range(n):
                 part = self.client.get(self.chunk_key(version, i))
                 if part is None:
@@ -313,7 +282,7 @@ class IndexStore:
         if (sha := h.hexdigest()) != manifest["sha256"]:
             raise IntegrityError(f"{what}: sha256 of its {n} chunk(s) is {sha}, the manifest says "
                                  f"{manifest['sha256']}; refusing to deserialise")
-        if _sha256([ids_blob]) != manifest["ids_sha256"]:
+        if sha256_hex([ids_blob]) != manifest["ids_sha256"]:
             raise IntegrityError(f"{what}: the ad ids do not match the manifest's ids_sha256")
         return buffer, ids_blob
 
@@ -324,80 +293,15 @@ class IndexStore:
         except StoreError:
             return False
         keys = [self.chunk_key(version, i) for i in range(n)] + [self.ids_key(version)]
-        with _redis_errors(f"checking {self.name} version {version}"):
+        with redis_errors(f"checking {self.name} version {version}"):
             return self.client.exists(*keys) == len(keys)
 
     # ------------------------------------------------------------------------------------------ rollback, gc
 
     def rollback(self, to: str | None = None) -> str:
         """Point ``current`` at ``to`` (default: the version published before the current one) and announce it."""
-        what = f"rolling back {self.name}"
-
-        def move(pipe: redis.client.Pipeline) -> str:
-            current = (pipe.get(self.current_key) or b"").decode()
-            versions = [v.decode() for v in pipe.lrange(self.versions_key, 0, -1)]
-            target = to
-            if target is None:
-                older = versions[versions.index(current) + 1:] if current in versions else []
-                if not older:
-                    raise StoreError(f"{what}: no version older than {current or None!r} in {versions}")
-                target = older[0]
-            if target not in versions:
-                raise StoreError(f"{what}: {target!r} is not a published version (have {versions})")
-            if not self.is_complete(target):
-                raise IntegrityError(f"{what}: version {target} is incomplete in Redis")
-            pipe.multi()
-            pipe.set(self.current_key, target)
-            pipe.publish(self.channel, target)
-            logger.info("%s: current %s -> %s", what, current or None, target)
-            return target
-
-        with _redis_errors(what):
-            return self.client.transaction(move, self.current_key, self.versions_key, value_from_callable=True)
+        return retention.rollback(self, to)
 
     def gc(self, keep: int | None = None) -> list[str]:
-        """Delete versions beyond the newest ``keep`` (never ``current``) and orphans; returns the deleted ids.
-
-        An orphan is a failed publish's leftover: a manifest, not in ``versions``, and no live heartbeat, so a
-        publish still in flight (its heartbeat renewed per chunk) is left alone whatever anyone's clock says.
-        """
-        keep = self.keep if keep is None else keep
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
-
-        def collect(pipe: redis.client.Pipeline) -> list[str]:
-            current = (pipe.get(self.current_key) or b"").decode()
-            versions = [v.decode() for v in pipe.lrange(self.versions_key, 0, -1)]
-            doomed = [v for v in versions[keep:] if v != current]
-            orphans = [v for v in self._orphans() if v not in versions and v != current]
-            keys = [k for v in doomed + orphans for k in self._version_keys(v)]
-            pipe.multi()
-            for v in doomed:
-                pipe.lrem(self.versions_key, 0, v)
-            if keys:
-                pipe.delete(*keys)
-            return doomed + orphans
-
-        with _redis_errors(f"collecting old versions of {self.name}"):
-            deleted = self.client.transaction(collect, self.current_key, self.versions_key, value_from_callable=True)
-        if deleted:
-            logger.info("gc %s: deleted %s (kept the newest %d and current)", self.name, deleted, keep)
-        return deleted
-
-    def _orphans(self) -> list[str]:
-        """Version ids with a manifest and no live heartbeat (callers drop the published ones)."""
-        found = []
-        for key in self.client.scan_iter(match=f"{self.prefix}:v:*:manifest", count=1000):
-            version = key.decode()[len(self.prefix) + 3:-len(":manifest")]
-            if not self.client.exists(self.heartbeat_key(version)):
-                found.append(version)
-        return found
-
-    def _delete_orphans(self) -> None:
-        """Delete the orphans (not published, not current): the publish path's share of gc."""
-        orphans = self._orphans()
-        published = set(self.versions()) | {self.current()}  # read after the scan: a commit drops its heartbeat
-        for version in orphans:  # and joins `versions` in one EXEC, so a just-committed version is seen here
-            if version not in published:
-                logger.warning("deleting the leftovers of a dead publish of %s: version %s", self.name, version)
-                self._delete_quietly(version)
+        """Delete versions beyond the newest ``keep`` (never ``current``) and orphans; returns the deleted ids."""
+        return retention.gc(self, keep)
