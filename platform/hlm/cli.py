@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from hlm.config import Config, ConfigError, load_config
+from hlm.redis_client import redact
 
 logger = logging.getLogger("hlm")
 
@@ -57,9 +58,12 @@ def start_job(name: str, args: argparse.Namespace, out_dir: Path | None = None,
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
-    logger.info("%s: config\n%s", name, cfg.to_yaml())
+    echo = redact(cfg.to_yaml())  # a Redis URL may carry a password: never into a log or a run folder
+    logger.info("%s: config\n%s", name, echo)
     if out_dir is not None:
-        cfg.save(Path(out_dir) / f"{name}.config.yaml")
+        saved = Path(out_dir) / f"{name}.config.yaml"
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(echo)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     try:

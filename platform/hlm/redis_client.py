@@ -7,8 +7,19 @@ over one in the URL. ``rediss://`` enables TLS, verified against ``$HLM_REDIS_CA
 from __future__ import annotations
 
 import os
+import re
 
 import redis
+
+# scheme://user:password@host: the password runs to the last '@' before the path (greedy: an unescaped '@' in a
+# password must not leave its tail in the clear)
+_CREDENTIALS = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:)[^\s/]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***`` (redis://user:pass@h -> redis://user:***@h),
+    for logs, saved configs and error messages."""
+    return _CREDENTIALS.sub(r"\g<head>***@", text)
 
 
 def redis_client(url: str | None = None, *, password: str | None = None, ssl_ca: str | None = None) -> redis.Redis:
@@ -27,7 +38,7 @@ def redis_client(url: str | None = None, *, password: str | None = None, ssl_ca:
         if ssl_ca:
             kwargs["ssl_ca_certs"] = ssl_ca
     elif ssl_ca:
-        raise ValueError(f"ssl_ca was given but {url.split('@')[-1]!r} is not a rediss:// (TLS) URL")
+        raise ValueError(f"ssl_ca was given but {redact(url)!r} is not a rediss:// (TLS) URL")
     pool = redis.ConnectionPool.from_url(url, **kwargs)
     if password:
         pool.connection_kwargs["password"] = password  # from_url lets the URL win; an explicit password wins here
