@@ -181,14 +181,33 @@ def test_kuberay_clusters_run_the_pinned_ray_with_token_auth_and_a100_workers():
             assert group["minReplicas"] <= group["maxReplicas"], where
 
 
-def test_ray_pods_get_the_redis_url_and_password_from_the_secret_redis_uses():
-    redis_secrets = {ref["name"] for ref in secret_refs(the_one("StatefulSet"))}
+def volume_at(pod: dict, path: str) -> dict:
+    """The volume a container of ``pod`` sees at ``path`` (its longest mount that holds the path)."""
+    mounts = [m for c in pod["containers"] for m in c.get("volumeMounts", [])
+              if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mounts, f"nothing is mounted at {path}"
+    name = max(mounts, key=lambda m: len(m["mountPath"]))["name"]
+    return next(v for v in pod["volumes"] if v["name"] == name)
+
+
+# The Redis user each Ray cluster connects as: replicas only read, only the nightly job writes (issue #20, item 6).
+REDIS_USER_SECRETS = {"RayService": "hlm-redis-reader", "RayCronJob": "hlm-redis-writer"}
+
+
+def test_replicas_connect_as_the_read_only_user_jobs_as_the_writer_over_tls_and_both_hold_the_manifest_key():
     for where, spec in ray_cluster_specs():
         for group, pod in pod_templates(spec):
             env = {e["name"]: e for e in pod["containers"][0]["env"]}
             for var in ("HLM_REDIS_URL", "HLM_REDIS_PASSWORD"):
                 ref = env[var]["valueFrom"]["secretKeyRef"]  # from a Secret, never a literal
-                assert ref["name"] in redis_secrets, f"{where}/{group}: {var} from {ref['name']}"
+                assert ref["name"] == REDIS_USER_SECRETS[where], f"{where}/{group}: {var} from {ref['name']}"
+            # TLS: the CA comes from Redis's certificate Secret, and only the CA (never the server's key)
+            ca = volume_at(pod, env["HLM_REDIS_CA"]["value"])["secret"]
+            assert ca["secretName"] == "hlm-redis-tls" and ca["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+            # the manifest key is a file from the one Secret both clusters mount: the job signs, replicas verify
+            key = volume_at(pod, env["HLM_MANIFEST_KEY_FILE"]["value"])["secret"]
+            assert key["secretName"] == "hlm-manifest-key", f"{where}/{group}"
+            assert "HLM_MANIFEST_KEY" not in env, "the key as a file, not also in the environment"
 
 
 def test_raycronjob_refreshes_nightly_on_a_cluster_that_goes_away():
@@ -249,7 +268,7 @@ def test_configs_named_by_the_entrypoints_exist_and_load(file: str, module: str,
 
 
 # -------------------------------------------------------------------------------- (d) Redis on k8s
-def test_kubernetes_redis_never_evicts_persists_and_takes_its_password_from_a_secret():
+def test_kubernetes_redis_never_evicts_persists_speaks_only_tls_and_takes_its_users_from_a_secret():
     conf = {}
     for line in the_one("ConfigMap")["data"]["redis.conf"].splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
@@ -257,14 +276,26 @@ def test_kubernetes_redis_never_evicts_persists_and_takes_its_password_from_a_se
             conf[key] = value
     assert conf["maxmemory-policy"] == "noeviction"
     assert conf["appendonly"] == "yes"
-    assert "requirepass" not in conf, "the password must not sit in a ConfigMap"
+    assert "requirepass" not in conf and "user" not in conf, "no password may sit in a ConfigMap"
+    assert conf["port"] == "0" and conf["tls-port"] == "6380", "TLS only: the plain port is off"
 
     statefulset = the_one("StatefulSet")
-    container = statefulset["spec"]["template"]["spec"]["containers"][0]
-    assert "--requirepass" in container["args"]
-    assert any(ref["key"] == "password" for ref in secret_refs(statefulset))
+    pod = statefulset["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    # Every password comes from a file of a Secret: the users (hashed) from the ACL file, nothing on the command line
+    assert volume_at(pod, conf["aclfile"])["secret"]["secretName"] == "hlm-redis-acl"
+    for option in ("tls-cert-file", "tls-key-file", "tls-ca-cert-file"):
+        assert volume_at(pod, conf[option])["secret"]["secretName"] == "hlm-redis-tls", option
+    command_line = " ".join(container.get("command", []) + container["args"])
+    assert "pass" not in command_line and "$(" not in command_line, command_line
+    assert {e["name"] for e in container.get("env", [])} <= {"REDISCLI_AUTH"}, "redis-cli's password only"
+    # The probes authenticate as the read-only user, over TLS
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert "--tls" in command and command[command.index("--user") + 1] == "hlm-reader", probe
+    assert [r["name"] for r in secret_refs(statefulset)] == ["hlm-redis-reader"]
     assert statefulset["spec"]["volumeClaimTemplates"], "the AOF needs a PersistentVolumeClaim"
-    assert the_one("Service")["spec"]["ports"][0]["port"] == 6379
+    assert the_one("Service")["spec"]["ports"][0]["port"] == 6380
 
 
 def secret_refs(obj: object) -> list[dict]:
