@@ -58,12 +58,9 @@ def start_job(name: str, args: argparse.Namespace, out_dir: Path | None = None,
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
-    echo = redact(cfg.to_yaml())  # a Redis URL may carry a password: never into a log or a run folder
-    logger.info("%s: config\n%s", name, echo)
+    logger.info("%s: config\n%s", name, redact(cfg.to_yaml()))  # a Redis URL may carry a password: never log it
     if out_dir is not None:
-        saved = Path(out_dir) / f"{name}.config.yaml"
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(echo)
+        cfg.save(Path(out_dir) / f"{name}.config.yaml")  # redacted too
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     try:

@@ -25,6 +25,7 @@ from hlm.choices import (  # noqa: F401 (re-exported: the config is where jobs t
     Schedule,
     Width,
 )
+from hlm.redis_client import redact
 
 logger = logging.getLogger(__name__)
 
@@ -214,9 +215,10 @@ class Config(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def save(self, path: str | Path) -> Path:
+        """Write the config as YAML, any URL's password replaced by *** (a run folder is no place for one)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_yaml())
+        path.write_text(redact(self.to_yaml()))
         return path
 
 
