@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hlm.cli import command_notes, setup_logging
 from hlm.redis_client import redis_client
-from hlm.store import IndexStore, StoreError
+from hlm.store import IndexStore, IntegrityError, StoreError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,7 +71,11 @@ def list_versions(store: IndexStore) -> None:
     current, versions = store.current(), store.versions()
     print(f"index '{store.name}': {len(versions)} version(s), current {current}")
     for version in versions:
-        m = store.manifest(version)
+        try:
+            m = store.manifest(version)
+        except IntegrityError as e:  # unsigned, forged or out of bounds: replicas refuse it, the list goes on
+            print(f"{'*' if version == current else ' '} {version}  REFUSED: {e}")
+            continue
         state = "" if store.is_complete(version) else "  INCOMPLETE"
         print(f"{'*' if version == current else ' '} {version}  {m['count']} ads  dim {m['dim']}  {m['factory']}  "
               f"space {m['space']}  {m['created_at']}  {m.get('source', '')}{state}")

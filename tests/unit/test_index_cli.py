@@ -40,6 +40,17 @@ def test_list_shows_every_version_newest_first_with_current_marked(store, capsys
     assert lines[1].startswith("* v2  60 ads  dim 16  HNSW32") and lines[2].startswith("  v1  50 ads  dim 16  Flat")
 
 
+def test_with_a_manifest_key_list_marks_unsigned_versions_refused_and_goes_on(store, capsys, monkeypatch):
+    # Given v1, v2 unsigned (store) and v3 published with the key, listed by an operator who holds the key
+    monkeypatch.setenv("HLM_MANIFEST_KEY", "0123456789abcdef" * 2)
+    IndexStore(store.client, "ads").publish(AdIndex.build(["c-0", "c-1"], unit_rows(2, 2), "space-x"), version="v3")
+    assert index_cli.main(["list", "--index", "ads"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("* v3  2 ads")
+    assert lines[2].startswith("  v2  REFUSED: index ads version v2: the manifest is unsigned")
+    assert lines[3].startswith("  v1  REFUSED")
+
+
 def test_show_prints_the_manifest_of_current_or_of_a_version(store, capsys):
     assert index_cli.main(["show", "--index", "ads"]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == "v2"
