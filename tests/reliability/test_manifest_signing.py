@@ -68,7 +68,7 @@ def test_a_signed_version_loads_and_its_manifest_carries_the_signature(client, n
 
 
 def test_a_chunk_swapped_together_with_its_sha256_is_refused_and_the_replica_keeps_its_version(
-        client, name, monkeypatch) -> None:
+        client, name, monkeypatch, record_property) -> None:
     # Given a replica with a key serving a signed version, and a second signed version
     store = keyed_store(client, name, monkeypatch)
     good = store.publish(flat_index(0))
@@ -89,6 +89,7 @@ def test_a_chunk_swapped_together_with_its_sha256_is_refused_and_the_replica_kee
         store.load(target)
     assert not live.refresh()
     assert live.status()["version"] == good and "signature does not match" in live.state.refused[target]
+    record_property("forged_chunk_with_matching_sha256", "refused by signature; replica kept its version")
 
 
 def test_an_unsigned_version_is_refused_when_a_key_is_configured(client, name, monkeypatch) -> None:
@@ -121,7 +122,8 @@ def test_a_signed_manifest_copied_under_another_version_id_is_refused(client, na
         store.load()
 
 
-def test_an_oversized_n_chunks_is_refused_before_anything_is_allocated_or_fetched(client, name) -> None:
+def test_an_oversized_n_chunks_is_refused_before_anything_is_allocated_or_fetched(client, name,
+                                                                                 record_property) -> None:
     # Given (no key) a manifest whose sizes agree with each other but ask for a million chunks (1 GiB)
     store = IndexStore(client, name, chunk_bytes=CHUNK)
     version = store.publish(flat_index(0))
@@ -141,3 +143,4 @@ def test_an_oversized_n_chunks_is_refused_before_anything_is_allocated_or_fetche
     with pytest.raises(IntegrityError, match=r"n_chunks 1048576 is outside 0\.\.65536"):
         store.load(version)
     assert fetched == [store.manifest_key(version)]
+    record_property("n_chunks_2^20", f"refused; {len(fetched)} key read (the manifest)")

@@ -65,7 +65,8 @@ def test_the_acl_file_holds_no_password_in_clear_and_turns_the_default_user_off(
         redis_client(f"redis://127.0.0.1:{acl_redis['port']}/0", password=PASSWORDS["writer"]).ping()
 
 
-def test_the_writer_runs_a_nightly_job_and_the_read_only_replica_user_serves_but_cannot_publish(acl_redis) -> None:
+def test_the_writer_runs_a_nightly_job_and_the_read_only_replica_user_serves_but_cannot_publish(
+        acl_redis, record_property) -> None:
     writer = IndexStore(client_as(acl_redis, "writer"), "ads", chunk_bytes=4096)
     reader = IndexStore(client_as(acl_redis, "reader"), "ads", chunk_bytes=4096)
     events = reader.client.pubsub(ignore_subscribe_messages=True)
@@ -93,6 +94,7 @@ def test_the_writer_runs_a_nightly_job_and_the_read_only_replica_user_serves_but
         for command in (("GET", "other:key"), ("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*")):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 client.execute_command(*command)
+    record_property("reader", "loads and subscribes; publish, rollback, gc: NOPERM")
 
 
 def test_start_sh_puts_the_password_on_no_command_line(tmp_path) -> None:
