@@ -191,11 +191,9 @@ class IndexStore:
 
     def _verify_written(self, version: str, manifest: dict) -> None:
         """Read the chunks back one at a time and check the sha256 of the whole and of the ids."""
-        h = hashlib.sha256()
-        for i in range(manifest["n_chunks"]):
-            h.update(self.client.get(self.chunk_key(version, i)) or b"")
-        ids_blob = self.client.get(self.ids_key(version)) or b""
-        if h.hexdigest() != manifest["sha256"] or sha256_hex([ids_blob]) != manifest["ids_sha256"]:
+        chunks = (self.client.get(self.chunk_key(version, i)) or b"" for i in range(manifest["n_chunks"]))
+        if (sha256_hex(chunks) != manifest["sha256"]
+                or sha256_hex([self.client.get(self.ids_key(version)) or b""]) != manifest["ids_sha256"]):
             raise PublishError(f"publishing {self.name} version {version}: the bytes read back do not match "
                                f"the sha256 written; the partial version was deleted")
 
