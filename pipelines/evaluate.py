@@ -1,4 +1,4 @@
-"""Evaluate the teacher and students on one split over the full ad index: quality, latency and throughput.
+r"""Evaluate the teacher and students on one split over the full ad index: quality, latency and throughput.
 
     python -m pipelines.evaluate --ads-emb EMB/ads --queries DEV/queries.parquet --labels DEV/labels.parquet \
         --student runs/align/model --student runs/refine/model --out runs/eval
@@ -22,7 +22,7 @@ from hlm.space import SpaceMismatch, check_same_space
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = job_parser(__doc__.splitlines()[0])
+    parser = job_parser(__doc__, __file__)
     parser.add_argument("--ads-emb", required=True, type=Path, help="teacher ad embeddings (pipelines.embed)")
     parser.add_argument("--queries", required=True, type=Path)
     parser.add_argument("--labels", required=True, type=Path)

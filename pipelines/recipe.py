@@ -21,7 +21,9 @@ Train run is named after its key) and reruns only what lies downstream of a chan
     publish            the teacher ad index to Redis (recipe.publish)
 
 Every training stage runs `pipelines.train.train_phase`, every embedding `pipelines.embed.run_embed`: the same
-code paths as the single-phase jobs. Writes OUT/<stage>/ and OUT/evaluate/report.{md,json} + plot.
+code paths as the single-phase jobs.
+
+Writes OUT/<stage>/ (OUT = recipe.out), OUT/recipe.config.yaml and OUT/evaluate/report.{md,json} + plot.
 """
 
 from __future__ import annotations
@@ -245,7 +247,7 @@ def run_recipe(cfg: RecipeConfig) -> tuple[Recipe, list[StageResult]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = job_parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = job_parser(__doc__, __file__).parse_args(argv)
     cfg: RecipeConfig = start_job("recipe", args, schema=RecipeConfig)
     try:
         recipe, results = run_recipe(cfg)

@@ -1,4 +1,4 @@
-"""Train one phase of the recipe on Ray Train (teacher | align | prune | refine), with checkpoints and resume.
+r"""Train one phase of the recipe on Ray Train (teacher | align | prune | refine), with checkpoints and resume.
 
     python -m pipelines.train --phase align --queries DATA/queries.parquet --teacher-queries EMB/queries \
         --ads-emb EMB/ads --dev-queries DEV/queries.parquet --dev-labels DEV/labels.parquet \
@@ -183,7 +183,7 @@ def _copy_model(checkpoint: Checkpoint, dst: Path) -> Path:
 
 
 def parse_args(argv: list[str] | None) -> Namespace:
-    parser = job_parser(__doc__.splitlines()[0])
+    parser = job_parser(__doc__, __file__)
     parser.add_argument("--phase", choices=[p.value for p in Phase], help="default: train.phase of the config")
     parser.add_argument("--out", required=True, type=Path, help="output folder: model/, metrics.json, prune/")
     parser.add_argument("--init", help="encoder to start from (default: config student, or teacher for --phase "
