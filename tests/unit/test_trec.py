@@ -105,3 +105,27 @@ def test_model_names_that_would_share_a_run_file_are_refused_before_anything_is_
     with pytest.raises(ValueError, match="share a run file"):
         write_runs({"student a/b": {}, "student a b": {}}, tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
+
+
+def test_pytrec_eval_on_the_files_agrees_with_the_report_on_integer_labels(tmp_path):
+    # trec_eval's own code (pytrec_eval) scoring the files as written, escaped ids and all
+    import pytrec_eval
+
+    teacher = tiny_encoder("bert", seed=0)
+    index = AdIndex.build(AD_IDS, teacher.encode(ADS, kind="ad"), teacher.space)
+    qrels = {qid: {AD_IDS[i]: 2.0, AD_IDS[i + 6]: 1.0, AD_IDS[i + 12]: 0.0, AD_IDS[i + 99]: 1.0}
+             for i, qid in enumerate(QUERY_IDS)}
+    reports = compare([Candidate("teacher", teacher, index, "teacher")], QUERIES, QUERY_IDS, qrels, teacher="teacher")
+    paths = write_report(reports, tmp_path, qrels)
+    run: dict[str, dict[str, float]] = {}
+    for line in paths["runs"]["teacher"].read_text().splitlines():
+        qid, _, ad, _, score, _ = line.split()
+        run.setdefault(qid, {})[ad] = float(score)
+    judged: dict[str, dict[str, int]] = {}
+    for line in paths["qrels"].read_text().splitlines():
+        qid, _, ad, label = line.split()
+        judged.setdefault(qid, {})[ad] = int(label)
+    per_query = pytrec_eval.RelevanceEvaluator(judged, {"recall.10,100", "ndcg_cut.10"}).evaluate(run)
+    mean = {m: sum(q[m] for q in per_query.values()) / len(per_query) for m in ("recall_100", "ndcg_cut_10")}
+    quality = reports[0].quality
+    assert mean == pytest.approx({"recall_100": quality["R@100"], "ndcg_cut_10": quality["nDCG@10"]}, abs=1e-9)
