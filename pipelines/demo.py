@@ -1,12 +1,18 @@
 """The whole HARNESS-LM flow on the embedded default models and a built-in catalogue (`make demo`).
 
-prepare a catalogue → run the recipe job (`pipelines.recipe`: embed ads and queries with the teacher on Ray Data,
+    python -m pipelines.demo --out runs/demo
+
+Prepare a catalogue → run the recipe job (`pipelines.recipe`: embed ads and queries with the teacher on Ray Data,
 align the student to the teacher's query space, refine it against the frozen teacher ad embeddings, evaluate
 teacher vs students over the full ad index, publish the index to a project-owned Redis) → serve the refined
 student with Ray Serve and send a few queries. The recipe's config is left in OUT/recipe.yaml: rerun it with
 `python -m pipelines.recipe --config OUT/recipe.yaml` (every finished stage is skipped). The Serve config the demo
 served is left in OUT/serve.yaml (serving/config.yaml with the refined student, which is in the space of the
 teacher's index): after publishing that index to a Redis, `serve run OUT/serve.yaml` serves it again.
+
+Writes OUT/data/{train,dev}/ (the catalogue), OUT/recipe/ (the recipe's stages, the report in
+OUT/recipe/evaluate/), OUT/recipe.yaml, OUT/serve.yaml and OUT/demo.config.yaml; the Redis it starts and stops
+keeps its files in OUT/redis/.
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ def write_serve_config(out: Path, student: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = job_parser(__doc__.splitlines()[0])
+    parser = job_parser(__doc__, __file__)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--n-ads", type=int, default=1500)
     parser.add_argument("--n-queries", type=int, default=1200)

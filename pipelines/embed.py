@@ -9,6 +9,8 @@ The input is a Parquet file or folder, local or an object-store URI (read throug
 (exactly once): a rerun after a crash starts cleanly, and a rerun of the same input and model into a finished folder
 does nothing and says so. It holds only embeddings (`pandas.read_parquet(OUT)` reads them); rows that fail
 validation go beside it, to `OUT.rejected/`, with file, row and reason.
+
+Writes OUT/ (Parquet files of `id`, `embedding`, and `_SUCCESS.json`: counts, model, space) and OUT.rejected/.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ logger = logging.getLogger("pipelines.embed")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = job_parser(__doc__.splitlines()[0])
+    parser = job_parser(__doc__, __file__)
     parser.add_argument("--model", help="encoder folder or teacher-default/student-default (default: config teacher)")
     parser.add_argument("--input", required=True,
                         help="Parquet file or folder (ads or queries contract), local or a URI such as s3://…")

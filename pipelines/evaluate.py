@@ -1,11 +1,15 @@
-"""Evaluate the teacher and students on one split over the full ad index: quality, latency and throughput.
+r"""Evaluate the teacher and students on one split over the full ad index: quality, latency and throughput.
 
     python -m pipelines.evaluate --ads-emb EMB/ads --queries DEV/queries.parquet --labels DEV/labels.parquet \
         --student runs/align/model --student runs/refine/model --out runs/eval
 
-Writes OUT/report.md, OUT/report.json and OUT/quality_vs_latency.png. The teacher is `teacher.model`
-from the config; its ad embeddings (`--ads-emb`, written by pipelines.embed) are the index every model
-searches, so students must live in the teacher's space.
+The teacher is `teacher.model` from the config; its ad embeddings (`--ads-emb`, written by pipelines.embed) are
+the index every model searches, so students must live in the teacher's space.
+
+Writes OUT/report.md, OUT/report.json, OUT/quality_vs_latency.png and, for trec_eval / ir_measures / ranx, the
+ranking each model was scored on as OUT/runs/<model>.trec (`qid Q0 ad_id rank score run`, top 100) with the
+labels as OUT/qrels.trec (`qid 0 ad_id label`; ids with spaces, '#' or '%' are percent-encoded, see hlm/trec.py):
+    trec_eval -m recall.100 -m ndcg_cut.10 OUT/qrels.trec OUT/runs/teacher.trec
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from hlm.space import SpaceMismatch, check_same_space
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = job_parser(__doc__.splitlines()[0])
+    parser = job_parser(__doc__, __file__)
     parser.add_argument("--ads-emb", required=True, type=Path, help="teacher ad embeddings (pipelines.embed)")
     parser.add_argument("--queries", required=True, type=Path)
     parser.add_argument("--labels", required=True, type=Path)
@@ -51,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reports = compare(candidates, queries["text"].to_pylist(), queries["query_id"].to_pylist(), qrels,
                       teacher="teacher")
-    paths = write_report(reports, args.out)
+    paths = write_report(reports, args.out, qrels)
     print(paths["md"].read_text())
-    print(f"wrote {paths['md']}, {paths['json']} and {paths['plot']}")
+    print(f"wrote {paths['md']}, {paths['json']}, {paths['plot']}, the labels as {paths['qrels']} and one TREC run "
+          f"per model in {args.out / 'runs'}: {', '.join(p.name for p in paths['runs'].values())}")
     return 0
 
 

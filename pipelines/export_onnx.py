@@ -11,14 +11,13 @@ Use it by config, e.g. `student: {model: runs/refine/model, precision: onnx_int8
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from hlm.cli import command_notes, setup_logging
+from hlm.cli import command_parser, setup_logging
 from hlm.config import ModelRef, Precision
 from hlm.encoder import Encoder
 from hlm.onnx_runtime import export_onnx
@@ -28,8 +27,7 @@ PROBES = ["cordless drill 18v", "white ceiling paint", "brass floor lamp with a 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.export_onnx", description=__doc__.splitlines()[0],
-                                     epilog=command_notes(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__, __file__)
     parser.add_argument("--model", required=True, help="encoder folder, or a default name with --out")
     parser.add_argument("--out", type=Path, help="save the model here with its ONNX graphs (default: --model)")
     args = parser.parse_args(argv)

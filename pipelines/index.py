@@ -5,9 +5,11 @@
     python -m pipelines.index export --index ads [--version VERSION] --out EXPORT/
     python -m pipelines.index rollback --index ads [--to VERSION]
 
-`export` writes `index.faiss` and `ids.parquet` (FAISS id → ad id) that plain FAISS and pyarrow read, plus the
-version's `manifest.json`. `rollback` moves `current` to the version published before it (or `--to`); serving
-replicas pick it up on their next poll. Every command reads Redis at `--redis-url`, else `$HLM_REDIS_URL`.
+`list` and `show` only print. `rollback` moves `current` to the version published before it (or `--to`);
+serving replicas pick it up on their next poll. Every command reads Redis at `--redis-url`, else `$HLM_REDIS_URL`.
+
+Writes, for `export` only, OUT/index.faiss and OUT/ids.parquet (FAISS id → ad id), which plain FAISS and
+pyarrow read, plus the version's manifest.json.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from hlm.cli import command_notes, setup_logging
+from hlm.cli import command_parser, setup_logging
 from hlm.redis_client import redis_client
 from hlm.store import IndexStore, IntegrityError, StoreError
 
@@ -26,8 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--index", required=True, help="index name: keys hlm:{index}:*")
     common.add_argument("--redis-url", help="default: $HLM_REDIS_URL, else redis://127.0.0.1:6379/0")
-    parser = argparse.ArgumentParser(prog="python -m pipelines.index", description=__doc__.splitlines()[0],
-                                     epilog=command_notes(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__, __file__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", parents=[common], help="every published version, newest first; * marks current")
     show = commands.add_parser("show", parents=[common], help="one version's manifest as JSON")

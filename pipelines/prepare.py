@@ -1,9 +1,12 @@
-"""Convert a public relevance dataset into HLM's ads / queries / labels Parquet files.
+r"""Convert a public relevance dataset into HLM's ads / queries / labels Parquet files.
 
     python -m pipelines.prepare homedepot --pairs PAIRS.csv --products PRODUCTS.csv --out DIR
     python -m pipelines.prepare beir --dir BEIR_DIR --split test --out DIR
     python -m pipelines.prepare esci --examples EXAMPLES.parquet --products PRODUCTS.parquet --out DIR \
         [--locale us] [--split test]
+
+Writes OUT/ads.parquet, OUT/queries.parquet and OUT/labels.parquet, in the contracts of `hlm/data.py`
+(`pandas.read_parquet` reads them), and prints the row counts.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import logging
 import sys
 import time
 
+from hlm.cli import command_parser
 from hlm.data import DataError
 from hlm.importers import from_beir, from_esci, from_homedepot, write_dataset
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.prepare", description=__doc__.splitlines()[0])
+    parser = command_parser(__doc__, __file__)
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
 
     p = formats.add_parser("homedepot", help="Home Depot search relevance CSVs")

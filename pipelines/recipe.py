@@ -21,7 +21,10 @@ Train run is named after its key) and reruns only what lies downstream of a chan
     publish            the teacher ad index to Redis (recipe.publish)
 
 Every training stage runs `pipelines.train.train_phase`, every embedding `pipelines.embed.run_embed`: the same
-code paths as the single-phase jobs. Writes OUT/<stage>/ and OUT/evaluate/report.{md,json} + plot.
+code paths as the single-phase jobs.
+
+Writes OUT/<stage>/ (OUT = recipe.out), OUT/recipe.config.yaml, OUT/evaluate/report.{md,json} + plot, and per
+evaluated model its ranking as a TREC run, OUT/evaluate/runs/<model>.trec, with OUT/evaluate/qrels.trec.
 """
 
 from __future__ import annotations
@@ -222,7 +225,7 @@ class Recipe:
                 rows.append(Candidate(f"HLM L{d} int8", load(root(f"refine-L{d}", "model"), Precision.int8),
                                       teacher_index, "HLM int8"))
         reports = compare(rows, queries["text"].to_pylist(), queries["query_id"].to_pylist(), qrels, teacher=name)
-        paths = write_report(reports, out, title=f"HLM recipe: {len(queries)} dev queries, "
+        paths = write_report(reports, out, qrels, title=f"HLM recipe: {len(queries)} dev queries, "
                                                  f"{teacher_index.ntotal} ads")
         return {"report": str(root("evaluate", paths["md"].name)), "rows": [rep.name for rep in reports]}
 
@@ -245,7 +248,7 @@ def run_recipe(cfg: RecipeConfig) -> tuple[Recipe, list[StageResult]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = job_parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = job_parser(__doc__, __file__).parse_args(argv)
     cfg: RecipeConfig = start_job("recipe", args, schema=RecipeConfig)
     try:
         recipe, results = run_recipe(cfg)

@@ -4,8 +4,11 @@
     ray job submit --runtime-env runtime_env.yaml -- python -m pipelines.refresh_index --config configs/refresh.yaml
 
 Exit status: 0 published, or nothing changed (nothing published); 1 the gate refused (nothing published);
-2 bad config or data, or Redis unreachable. Every run writes `refresh.work_dir/<run>/run.json`.
-The logic is `hlm.refresh`; this file only wires the Ray Data embedding job into it.
+2 bad config or data, or Redis unreachable. The logic is `hlm.refresh`; this file only wires the Ray Data
+embedding job into it.
+
+Writes a new index version to Redis (keys hlm:{refresh.index}:*) when the gate passes, and for every run
+`refresh.work_dir/<run>/`: its embeddings, text hashes and run.json (counts, gate checks, version).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def summary(rec: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = job_parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = job_parser(__doc__, __file__).parse_args(argv)
     cfg = start_job("refresh_index", args)
 
     def embed(input_path: Path, kind: str, out: Path) -> Path:  # Ray starts only when something must be embedded

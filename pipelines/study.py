@@ -1,4 +1,4 @@
-"""The design study: a sweep of alignment choices as Ray Tune trials, gathered into one report and Pareto plot.
+r"""The design study: a sweep of alignment choices as Ray Tune trials, gathered into one report and Pareto plot.
 
     python -m pipelines.study --config configs/study.yaml \
         --queries TRAIN/queries.parquet --teacher-queries EMB/queries_train --ads-emb EMB/ads \
@@ -7,7 +7,9 @@
 
 Each trial (`hlm.study.run_trial`) aligns a fresh `student` with one setting of the `study` axes and is
 scored on dev over the teacher's full ad index. Trials run one at a time so their latencies are measured
-on the same idle cores as the teacher's. Writes OUT/study.md, OUT/study.json and OUT/pareto.png.
+on the same idle cores as the teacher's.
+
+Writes OUT/study.md, OUT/study.json and OUT/pareto.png.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from hlm.study import StudyConfig, StudyInputs, Trial, dev_split, run_trial, tea
 
 
 def parse_args(argv: list[str] | None):
-    parser = job_parser(__doc__.splitlines()[0])
+    parser = job_parser(__doc__, __file__)
     for flag, what in (("--queries", "train queries (the unlabelled alignment set)"),
                        ("--teacher-queries", "teacher embeddings of the train queries (pipelines.embed)"),
                        ("--ads-emb", "teacher ad embeddings: the index every trial searches"),

@@ -1,4 +1,4 @@
-"""Train one phase of the recipe on Ray Train (teacher | align | prune | refine), with checkpoints and resume.
+r"""Train one phase of the recipe on Ray Train (teacher | align | prune | refine), with checkpoints and resume.
 
     python -m pipelines.train --phase align --queries DATA/queries.parquet --teacher-queries EMB/queries \
         --ads-emb EMB/ads --dev-queries DEV/queries.parquet --dev-labels DEV/labels.parquet \
@@ -21,7 +21,9 @@ up (gloo on CPU, NCCL on GPU), so gradients are averaged in backward. Contrastiv
 ranks, so every rank's pairs are in-batch negatives (num_workers × batch_size of them). Every
 `train.checkpoint_every` steps and at the end rank 0 reports a checkpoint that `hlm.checkpoint.load_checkpoint`
 reads; running again with `--run-name NAME` (same `cluster.storage_path`) resumes from the newest one.
-Writes OUT/model (an encoder folder), OUT/metrics.json, OUT/prune/layers-N (prune).
+Writes OUT/model (an encoder folder), OUT/metrics.json, OUT/prune/layers-N (prune), and OUT/loss.csv (one row
+per optimizer step: step, phase, loss, lr, loss/<term> for a loss of several terms; `hlm.loss_log`) with its plot
+OUT/loss.png.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from hlm.data import DataError
 from hlm.distributed import mean_over_ranks
 from hlm.encoder import Encoder
 from hlm.evaluation import evaluate_dev
+from hlm.loss_log import LOSS_CSV, LOSS_PNG, LossLog
 from hlm.phase_data import PhaseData, PhaseInputs, input_problem, read_phase_data
 from hlm.pretrained import WeightsError, portable, resolve_model
 from hlm.pruning import num_layers, train_prune
@@ -77,18 +80,19 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # a fresh projection head starts identical on every rank (DDP broadcasts it too)
 
     checkpoint = ray.train.get_checkpoint()
-    start_step, optimizer_state = 0, None
+    start_step, optimizer_state, log = 0, None, LossLog(cfg.train.phase.value)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             encoder, optimizer_state, start_step = load_checkpoint(folder, runtime)
+            log = LossLog.read_csv(Path(folder) / LOSS_CSV, log.phase)
         logger.info("rank %d resumes from step %d", rank, start_step)
     else:
         # the precision a model serves at (bf16, int8) is not the one it trains in
         encoder = Encoder.load(ModelRef.model_validate({**config["init"], "precision": None}), runtime)
     if cfg.train.phase is Phase.prune:
-        _prune(encoder, data, cfg, checkpoint is not None, world, rank)
+        _prune(encoder, data, cfg, checkpoint is not None, world, rank, log)
     else:
-        _train(encoder, data, cfg, start_step, optimizer_state, world, rank)
+        _train(encoder, data, cfg, start_step, optimizer_state, world, rank, log)
 
 
 def _report(metrics: dict[str, Any], rank: int, write: Callable[[Path], Path] | None = None,
@@ -104,16 +108,29 @@ def _report(metrics: dict[str, Any], rank: int, write: Callable[[Path], Path] | 
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=name)
 
 
+def _log_step(log: LossLog, step: int, metrics: dict[str, Any], **more: float) -> None:
+    """One row of the loss record, the loss and its terms averaged over ranks (a collective: every rank calls it)."""
+    losses = mean_over_ranks({"loss": metrics["loss"], **{f"loss/{k}": v for k, v in metrics["parts"].items()}})
+    log.add(step, lr=metrics["lr"], **losses, **more)
+
+
+def _with_log(folder: Path, log: LossLog) -> Path:
+    """A checkpoint folder with the loss record so far: a run resumed from it appends to the record."""
+    log.write_csv(folder / LOSS_CSV)
+    return folder
+
+
 def _train(encoder: Encoder, data: PhaseData, cfg: Config, start_step: int, optimizer_state: dict | None,
-           world: int, rank: int) -> None:
+           world: int, rank: int, log: LossLog) -> None:
     job, first = cfg.train, {}
 
     def on_step(step: int, metrics: dict[str, Any], save: Save) -> None:
         first.setdefault("loss", metrics["loss"])
+        _log_step(log, step, metrics)
         if metrics["checkpoint_due"]:
             out = {"step": step, "start_step": start_step, "loss": metrics["loss"], "first_loss": first["loss"],
                    "lr": metrics["lr"], "samples_per_s": metrics["samples_per_s"] * world, "workers": world}
-            _report(out, rank, save, f"step-{step:07d}")
+            _report(out, rank, lambda folder: _with_log(save(folder), log), f"step-{step:07d}")
 
     common = {"on_step": on_step, "start_step": start_step, "optimizer_state": optimizer_state}
     if job.phase is Phase.align:
@@ -128,7 +145,8 @@ def _train(encoder: Encoder, data: PhaseData, cfg: Config, start_step: int, opti
                       **common)
 
 
-def _prune(encoder: Encoder, data: PhaseData, cfg: Config, resumed: bool, world: int, rank: int) -> None:
+def _prune(encoder: Encoder, data: PhaseData, cfg: Config, resumed: bool, world: int, rank: int,
+           log: LossLog) -> None:
     """The rest of train.prune_schedule in one `train_prune`; each layers-N folder is reported as a checkpoint."""
     job, every = cfg.train, cfg.train.checkpoint_every
     todo = [n for n in job.prune_schedule if n < num_layers(encoder)]  # train_prune skips the others
@@ -139,12 +157,13 @@ def _prune(encoder: Encoder, data: PhaseData, cfg: Config, resumed: bool, world:
         stats.setdefault("first_loss", metrics["loss"])
         stats.update(step=start_step + step, loss=metrics["loss"], lr=metrics["lr"],
                      samples_per_s=metrics["samples_per_s"] * world)
+        _log_step(log, start_step + step, metrics, n_layers=metrics["n_layers"])
         if every and step % every == 0 and step % job.steps_per_prune:  # progress only; on_stage reports the end
             _report({**stats, "n_layers": metrics["n_layers"]}, rank)
 
     def on_stage(n: int, folder: Path) -> None:
-        _report({**stats, "start_step": start_step, "n_layers": n, "workers": world}, rank, lambda _: folder,
-                f"layers-{n}")
+        _report({**stats, "start_step": start_step, "n_layers": n, "workers": world}, rank,
+                lambda _: _with_log(folder, log), f"layers-{n}")
         stats.clear()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,20 +191,22 @@ def run_train(cfg: Config, init: ModelRef, data: PhaseData, run_name: str) -> ra
 
 
 def _copy_model(checkpoint: Checkpoint, dst: Path) -> Path:
-    """A checkpoint as a plain encoder folder (no trainer state), replacing dst whole."""
+    """A checkpoint as a plain encoder folder (no trainer state, no loss record), replacing dst whole."""
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.to_directory(str(tmp))
     (tmp / TRAINER_STATE).unlink(missing_ok=True)
+    (tmp / LOSS_CSV).unlink(missing_ok=True)
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
     return dst
 
 
 def parse_args(argv: list[str] | None) -> Namespace:
-    parser = job_parser(__doc__.splitlines()[0])
+    parser = job_parser(__doc__, __file__)
     parser.add_argument("--phase", choices=[p.value for p in Phase], help="default: train.phase of the config")
-    parser.add_argument("--out", required=True, type=Path, help="output folder: model/, metrics.json, prune/")
+    parser.add_argument("--out", required=True, type=Path, help="output folder: model/, metrics.json, loss.csv, "
+                        "loss.png, prune/")
     parser.add_argument("--init", help="encoder to start from (default: config student, or teacher for --phase "
                         "teacher); ignored when resuming")
     parser.add_argument("--run-name", help="Ray Train run to resume (default: a new unique run)")
@@ -246,12 +267,16 @@ def train_phase(cfg: Config, init: ModelRef, inputs: PhaseInputs, out: Path, run
         raise TrainingFailed(f"training run {run_name} reported no checkpoint")
     # 3. write: the model, the prune stages, metrics (with dev evaluation)
     seconds, m, phase = time.perf_counter() - started, result.metrics or {}, cfg.train.phase
+    with result.checkpoint.as_directory() as folder:  # the last checkpoint holds the record of every step
+        log = LossLog.read_csv(Path(folder) / LOSS_CSV, phase.value)
+    log.write_csv(out / LOSS_CSV)
+    log.plot(out / LOSS_PNG)
     model = _copy_model(result.checkpoint, out / "model")
     record: dict[str, Any] = {
         "phase": phase, "run_name": run_name, "run_path": result.path, "model": str(model),
         "start_step": m.get("start_step"), "steps": m.get("step"), "first_loss": m.get("first_loss"),
         "final_loss": m.get("loss"), "samples_per_s": m.get("samples_per_s"), "workers": m.get("workers"),
-        "seconds": round(seconds, 1)}
+        "seconds": round(seconds, 1), "loss_csv": str(out / LOSS_CSV), "loss_plot": str(out / LOSS_PNG)}
     if phase is Phase.prune:
         stages = sorted(((c, r) for c, r in result.best_checkpoints or [] if "n_layers" in r),
                         key=lambda cr: -cr[1]["n_layers"])
@@ -295,7 +320,8 @@ def summary(r: dict[str, Any], out: Path) -> str:
             who = "starting teacher" if r["phase"] == Phase.teacher else "teacher"
             lines.append(f"{who} {key} {r['dev_teacher'][key]:.4f}; recovery {dev.get(f'recovery/{key}', 0):.1%}")
     lines += [f"stage: {p}" for p in r.get("prune", {}).values()]
-    lines.append(f"wrote {r['model']} and {out / 'metrics.json'}; Ray run {r['run_name']} "
+    lines.append(f"wrote {r['model']}, {out / 'metrics.json'}, the loss per step {r['loss_csv']} and its plot "
+                 f"{r['loss_plot']}; Ray run {r['run_name']} "
                  f"(resume: --run-name {r['run_name']})")
     return "\n".join(lines)
 

@@ -18,30 +18,28 @@ from hlm.redis_client import redact
 logger = logging.getLogger("hlm")
 
 
-def job_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=command_name(), description=description, epilog=command_notes(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def command_parser(doc: str, module_file: str) -> argparse.ArgumentParser:
+    """The parser of the job in `module_file`, with its `--help` written from the module docstring `doc`.
+
+    The usage line names the command a user types (`python -m pipelines.<job>`; argparse alone says `<job>.py`, or
+    `__main__.py`), the first docstring line is the description, and the rest (examples, what the job writes) is
+    printed as written after the options. The command comes from the file, not from `__main__`, so the help is the
+    same however the parser is built (a test, `ray job submit`).
+    """
+    path = Path(module_file)
+    first, _, rest = doc.strip("\n").partition("\n")
+    return argparse.ArgumentParser(prog=f"python -m {path.parent.name}.{path.stem}", description=first,
+                                   epilog=rest.strip("\n") or None,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def job_parser(doc: str, module_file: str) -> argparse.ArgumentParser:
+    """`command_parser` plus the `--config`/`--set` flags of every job that reads the typed config."""
+    parser = command_parser(doc, module_file)
     parser.add_argument("--config", type=Path, help="YAML config (typed; see hlm/config.py)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, e.g. --set embed.batch_size=128 (repeatable)")
     return parser
-
-
-def _job_module() -> str | None:
-    """`pipelines.<job>` when a job runs as `python -m pipelines.<job>`, else None."""
-    spec = getattr(sys.modules["__main__"], "__spec__", None)
-    return spec.name if spec is not None and spec.name.startswith("pipelines.") else None
-
-
-def command_name() -> str | None:
-    """`python -m pipelines.<job>` for `--help` (argparse alone would say `embed.py`); None (its default) otherwise."""
-    return f"python -m {module}" if (module := _job_module()) else None
-
-
-def command_notes() -> str | None:
-    """The job module's docstring after its first line (examples, what it writes), shown at the end of `--help`."""
-    doc = sys.modules["__main__"].__doc__ if _job_module() else None
-    return doc.split("\n", 1)[1].strip("\n") if doc and "\n" in doc else None
 
 
 def setup_logging(level: int = logging.INFO) -> None:

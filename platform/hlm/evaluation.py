@@ -2,11 +2,15 @@
 
 Quality: a model's queries are searched in an ad index (FAISS; exact with a Flat index; the teacher's for a
 student, its own re-embedded one for a baseline dual encoder) and scored with `hlm.metrics`, the pure metric
-functions; recovery is each metric over the teacher's. `retrieval_quality` is the one search-and-score path:
-`compare` (`pipelines.evaluate`, the recipe's report), `evaluate_dev` (after a `pipelines.train` phase) and the
-design study all use it. Speed: latency at batch 1 (p50/p99 over real query strings) and throughput at batch 64,
-measured for every model in the same run on the same cores, so ratios are fair even where absolute numbers are
-not comparable across machines.
+functions; recovery is each metric over the teacher's. `search_run` → `hlm.metrics.evaluate` is the one
+search-and-score path (`retrieval_quality` is the two together): `compare` (`pipelines.evaluate`, the recipe's
+report), `evaluate_dev` (after a `pipelines.train` phase) and the design study all use it. `write_report` also
+writes each model's run as a TREC run file, with the labels as a qrels file (`hlm.trec`), so trec_eval,
+ir_measures or ranx score exactly what the report scored.
+
+Speed: latency at batch 1 (p50/p99 over real query strings) and throughput at batch 64, measured for every model
+in the same run on the same cores, so ratios are fair even where absolute numbers are not comparable across
+machines.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +29,10 @@ from hlm.config import Phase, Runtime
 from hlm.data import qrels_from_labels, read_ads, read_labels, read_queries
 from hlm.encoder import Encoder
 from hlm.index import AdIndex
-from hlm.metrics import evaluate, recovery_table, run_from_search
+from hlm.metrics import Qrels, Run, evaluate, recovery_table, run_from_search
 from hlm.phase_data import PhaseInputs
 from hlm.space import Embeddings, check_same_space, space_at_width, truncate
+from hlm.trec import write_qrels, write_runs
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ class ModelReport:
     recovery: dict[str, float] = field(default_factory=dict)
     family: str = ""  # rows of one family form one curve of the quality-vs-latency plot
     index: str = "teacher"  # which ad index the row searched: "teacher" or "own"
+    run: Run = field(default_factory=dict, repr=False)  # the ranking scored: {query_id: {ad_id: score}}, top 100
 
 
 @dataclass
@@ -54,11 +60,16 @@ class Candidate:
     own_index: bool = False  # True for a dual encoder searched in its own re-embedded ads
 
 
+def search_run(index: AdIndex, q_emb: np.ndarray, query_ids: list[str], k: int) -> Run:
+    """The top k ads of `index` for each q_emb (B, d) row (exact when Flat), as a run keyed by query_ids."""
+    D, I = index.search(q_emb, k)  # noqa: E741 (B, k)
+    return run_from_search(query_ids, D, I, index.ids)
+
+
 def retrieval_quality(index: AdIndex, q_emb: np.ndarray, query_ids: list[str], qrels: dict, *,
                       ks: tuple[int, ...] = (10, 100)) -> dict[str, float]:
     """`hlm.metrics.evaluate` at `ks` of the top max(ks) ads of `index` for each q_emb (B, d) row (exact when Flat)."""
-    D, I = index.search(q_emb, max(ks))  # noqa: E741 (B, k)
-    return evaluate(run_from_search(query_ids, D, I, index.ids), qrels, ks=ks)
+    return evaluate(search_run(index, q_emb, query_ids, max(ks)), qrels, ks=ks)
 
 
 def evaluate_dev(model: Path, phase: Phase, inputs: PhaseInputs, k: int, runtime: Runtime) -> dict[str, Any]:
@@ -122,16 +133,20 @@ def model_labels(paths: list[str | Path]) -> list[str]:
     raise ValueError(f"the same model folder is given more than once: {[str(p) for p in paths]}")
 
 
+REPORT_KS = (10, 100)  # the report's cutoffs: nDCG@10, MRR@10 and P@100, R@100 (the paper's)
+
+
 def compare(candidates: list[Candidate], queries: list[str], query_ids: list[str], qrels: dict, *, teacher: str,
             speed_queries: list[str] | None = None) -> list[ModelReport]:
     """One report per candidate; recovery and speed ratios are relative to the candidate named `teacher`."""
     reports = []
     for c in candidates:
         logger.info("evaluating %s", c.name)
-        quality = retrieval_quality(c.index, c.encoder.encode(queries), query_ids, qrels)
+        run = search_run(c.index, c.encoder.encode(queries), query_ids, max(REPORT_KS))
         speed = encoder_speed(c.encoder, speed_queries or queries)
-        reports.append(ModelReport(c.name, sum(p.numel() for p in c.encoder.parameters()), quality, speed,
-                                   family=c.family, index="own" if c.own_index else "teacher"))
+        reports.append(ModelReport(c.name, sum(p.numel() for p in c.encoder.parameters()),
+                                   evaluate(run, qrels, ks=REPORT_KS), speed, family=c.family,
+                                   index="own" if c.own_index else "teacher", run=run))
     base = next(r for r in reports if r.name == teacher)
     for r in reports:
         r.recovery = recovery_table(r.quality, base.quality)
@@ -140,15 +155,22 @@ def compare(candidates: list[Candidate], queries: list[str], query_ids: list[str
     return reports
 
 
-def write_report(reports: list[ModelReport], out: Path, *, title: str = "Teacher vs students") -> dict[str, Path]:
-    """report.json, report.md (a table) and quality_vs_latency.png (R@100 vs p50, one curve per family)."""
+def write_report(reports: list[ModelReport], out: Path, qrels: Qrels, *,
+                 title: str = "Teacher vs students") -> dict[str, Path]:
+    """report.json, report.md (a table), quality_vs_latency.png (R@100 vs p50, one curve per family), and the
+    TREC files (`hlm.trec`): qrels.trec (`qrels`, the labels scored) and runs/<model>.trec (each report's run).
+
+    Returns {"json", "md", "plot", "qrels": path, "runs": {model name: path}}.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps([asdict(r) for r in reports], indent=2))
+    runs = write_runs({r.name: r.run for r in reports}, out / "runs")  # first: a clash of names writes nothing
+    (out / "report.json").write_text(json.dumps([{k: v for k, v in vars(r).items() if k != "run"} for r in reports],
+                                                indent=2))
     head = ("| model | index | params (M) | P@100 | R@100 | nDCG@10 | MRR@10 | recovery P@100 | recovery R@100 | "
             "p50 ms (b=1) | p99 ms | q/s (b=64) | latency × | throughput × |")
     lines = [f"# {title}", "", head, "|" + "---|" * 14]
@@ -177,4 +199,5 @@ def write_report(reports: list[ModelReport], out: Path, *, title: str = "Teacher
     fig.tight_layout()
     fig.savefig(out / "quality_vs_latency.png", dpi=120)
     plt.close(fig)
-    return {"json": out / "report.json", "md": out / "report.md", "plot": out / "quality_vs_latency.png"}
+    return {"json": out / "report.json", "md": out / "report.md", "plot": out / "quality_vs_latency.png",
+            "qrels": write_qrels(qrels, out / "qrels.trec"), "runs": runs}

@@ -36,7 +36,7 @@ PRIMARY_K = 100  # the cutoff of the primary metric, for callers that must compu
 PRIMARY_METRIC = f"P@{PRIMARY_K}"
 
 
-def _ranked(scores: dict[str, float]) -> list[str]:
+def ranked(scores: dict[str, float]) -> list[str]:
     """Ad ids by score descending, ties by ad_id descending (trec_eval's order)."""
     return [ad for ad, _ in sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True)]
 
@@ -46,7 +46,7 @@ def _mean_over_queries(run: Run, qrels: Qrels, per_query: Callable[[list[str], d
     if not qids:
         # A silent 0.0 here would hide the usual cause: query ids that do not match between run and qrels.
         raise ValueError("no query id is in both the run and the qrels")
-    return sum(per_query(_ranked(run[q]), qrels[q]) for q in qids) / len(qids)
+    return sum(per_query(ranked(run[q]), qrels[q]) for q in qids) / len(qids)
 
 
 def _check_k(k: int) -> None:

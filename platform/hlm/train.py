@@ -5,8 +5,9 @@ encoder onto precomputed teacher query embeddings; `train_refine` (phase 4) trai
 against frozen teacher ad embeddings. Phase 3 (pruning) is in `hlm.pruning`. The student never calls the
 teacher: its targets are arrays read from the embeddings Parquet that `pipelines.embed` wrote.
 
-Each phase builds its data and a `step_loss(encode, idx) -> scalar` and hands both to `fit`, the one loop they
-share (optimiser, schedule, logging, checkpoints, devices). `fit` owns how texts become embeddings: `encode`
+Each phase builds its data and a `step_loss(encode, idx) -> scalar` (or named terms that sum to it, which `fit`
+reports one by one) and hands both to `fit`, the one loop they share (optimiser, schedule, logging, checkpoints,
+devices). `fit` owns how texts become embeddings: `encode`
 runs the encoder's forward under bf16 autocast when asked, and through DistributedDataParallel when a process
 group of several ranks is up (`hlm.distributed`), so DDP sees every forward pass. Batch order and dropout are
 functions of (seed, step), so a run resumed from a checkpoint replays exactly the steps the uninterrupted run
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 Save = Callable[[str | Path], Path]  # (folder) -> folder: `hlm.checkpoint.save_checkpoint` of the step just done
 OnStep = Callable[[int, dict[str, Any], Save], None]  # (step done, metrics with "checkpoint_due", save)
 Encode = Callable[[list[str], Kind], Tensor]  # (texts, kind) -> float32 (n, d), with gradients
-StepLoss = Callable[[Encode, np.ndarray], Tensor]  # (encode, batch rows) -> scalar
+StepLoss = Callable[[Encode, np.ndarray], Tensor | dict[str, Tensor]]  # (encode, batch rows) -> scalar or terms
 
 
 @dataclass
@@ -184,7 +185,7 @@ def train_refine(student: Encoder, queries: list[str], positive_ad_idx: np.ndarr
         q_emb, pos_emb, neg_emb, target = global_batch(q_emb, pos_emb, neg_emb, target)  # (world·B, …)
         loss = contrastive_loss(cfg.contrastive, q_emb, pos_emb, neg_emb, temperature=cfg.temperature,
                                 margin=cfg.margin)
-        return loss if target is None else loss + cfg.l2_weight * l2_alignment(q_emb, target)
+        return loss if target is None else {"contrastive": loss, "l2": cfg.l2_weight * l2_alignment(q_emb, target)}
 
     # 3-5. optimiser, loop, save
     return fit(student, len(queries), step_loss, cfg, on_step=on_step, start_step=start_step,
@@ -241,6 +242,9 @@ def fit(model: Encoder, n_rows: int, step_loss: StepLoss, cfg: TrainJob, *, on_s
         start_step: int = 0, optimizer_state: dict | None = None) -> TrainResult:
     """Run steps start_step … total-1, calling on_step(step done, metrics, save) after each.
 
+    metrics: "loss", "lr", "samples_per_s", "checkpoint_due" and "parts" ({term: value} when step_loss returns named
+    terms, whose sum is the loss; else empty).
+
     `save(folder)` writes the checkpoint of that step (`hlm.checkpoint`: the one checkpoint format; the caller
     picks where), and metrics["checkpoint_due"] says when one is due: every cfg.checkpoint_every steps and at
     the end.
@@ -274,7 +278,9 @@ def fit(model: Encoder, n_rows: int, step_loss: StepLoss, cfg: TrainJob, *, on_s
             group["lr"] = lr
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout noise depends on (seed, step) only
         idx = batch_indices(step, n_rows, cfg)
-        loss = step_loss(encode, idx)
+        terms = step_loss(encode, idx)
+        parts = terms if isinstance(terms, dict) else {}
+        loss = sum(parts.values()) if parts else terms
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -285,7 +291,7 @@ def fit(model: Encoder, n_rows: int, step_loss: StepLoss, cfg: TrainJob, *, on_s
         losses.append(loss.item())
         due = done == total or bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
         metrics: dict[str, Any] = {"loss": losses[-1], "lr": lr, "samples_per_s": seen / (time.perf_counter() - t0),
-                                   "checkpoint_due": due}
+                                   "checkpoint_due": due, "parts": {k: v.item() for k, v in parts.items()}}
         if done % cfg.log_every == 0 or done == total:
             logger.info("step %d/%d loss %.4f lr %.2e %.0f samples/s", done, total, losses[-1], lr,
                         metrics["samples_per_s"])

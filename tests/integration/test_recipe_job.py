@@ -20,6 +20,7 @@ import yaml
 
 from hlm.encoder import Encoder
 from hlm.staging import SUCCESS
+from hlm.trec import run_name
 from pipelines.recipe import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]  # the module fixture runs 16 stages
@@ -72,6 +73,15 @@ def test_a_full_run_writes_every_stage_and_a_report_with_every_family(finished, 
     assert report["teacher (fine-tuned)"]["recovery"]["R@100"] == 1.0
     assert all(r["speed"]["latency_p50_ms"] > 0 and 0 <= r["quality"]["R@100"] <= 1 for r in report.values())
     assert (out / "evaluate" / "quality_vs_latency.png").stat().st_size > 0
+    # one TREC run per report row, with the dev labels as qrels
+    assert sorted(p.name for p in (out / "evaluate" / "runs").iterdir()) == sorted(
+        f"{run_name(name)}.trec" for name in report)
+    assert (out / "evaluate" / "qrels.trec").stat().st_size > 0
+    # every training stage (teacher fine-tune, align, prune, refine) left its loss per step, as CSV and plot
+    for stage in ("teacher", "align", "prune", "refine-L2", "refine-L1"):
+        lines = (out / stage / "loss.csv").read_text().splitlines()
+        assert lines[0].startswith("step,phase,loss,lr") and len(lines) > 1, stage
+        assert (out / stage / "loss.png").read_bytes()[:4] == b"\x89PNG", stage
 
 
 def test_a_rerun_skips_every_stage_and_changes_nothing(finished, capsys):

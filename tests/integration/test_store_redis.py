@@ -204,3 +204,26 @@ def test_publish_index_stores_the_search_defaults_the_loaded_version_searches_wi
     assert loaded.recall_at_k(exact, emb[:200], 10) >= 0.9  # every list probed, candidates re-scored
     assert publish_index.main(["--embeddings", str(tmp_path / "ads.parquet"), "--index", name, "--factory", "Flat",
                                "--k-factor", "8", "--redis-url", redis_url]) == 2  # k_factor needs a refining index
+
+
+def test_publish_index_takes_the_refresh_section_from_config_and_set(tmp_path, redis_url: str,
+                                                                     client: redis.Redis, capsys) -> None:
+    from hlm.data import write_embeddings
+    from pipelines import publish_index
+
+    write_embeddings(tmp_path / "ads.parquet", [f"ad-{i}" for i in range(N)], clustered(4),
+                     {"fingerprint": "space-c", "dim": D_MODEL})
+    name, other = (f"test-{uuid.uuid4().hex[:10]}" for _ in range(2))
+    config = tmp_path / "publish.yaml"
+    config.write_text(f"refresh:\n  index: {name}\n  factory: HNSW16\n  ef_search: 40\n  redis_url: {redis_url}\n")
+    common = ["--config", str(config), "--embeddings", str(tmp_path / "ads.parquet")]
+    # a --set gate threshold no index can meet refuses the publish: the threshold reached the gate
+    assert publish_index.main([*common, "--set", "refresh.min_recall=1.01"]) == 1
+    assert "nothing published" in capsys.readouterr().err and IndexStore(client, name).versions() == []
+    # the config's index name, factory and search default reach the published version
+    assert publish_index.main([*common, "--set", "refresh.recall_sample=50"]) == 0
+    loaded = IndexStore(client, name).load(expected_space="space-c")
+    assert (loaded.factory, loaded.ef_search) == ("HNSW16", 40)
+    # and a flag is a shortcut for its --set, winning over it
+    assert publish_index.main([*common, "--set", f"refresh.index={name}", "--index", other]) == 0
+    assert len(IndexStore(client, other).versions()) == 1 and len(IndexStore(client, name).versions()) == 1

@@ -8,7 +8,9 @@ student (a projection head takes it into the teacher's width).
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +30,16 @@ from pipelines.train import main
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
+
+
+def loss_rows(out: Path, phase: str) -> list[dict[str, str]]:
+    """OUT/loss.csv read with plain csv, after checking it is one phase's with finite losses, and that the plot
+    beside it is a PNG."""
+    with (out / "loss.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["phase"] for r in rows} == {phase} and all(math.isfinite(float(r["loss"])) for r in rows)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return rows
 
 
 def job_args(data: dict, phase: str, out: Path, *sets: str, init: Path | None = None, dev: bool = True) -> list[str]:
@@ -64,6 +76,10 @@ def test_align_on_two_workers_writes_a_student_in_the_teacher_space_with_dev_met
     # and evaluates it on the dev split against the teacher
     assert {"P@100", "R@100", "recovery/P@100"} <= record["dev"].keys() and "P@100" in record["dev_teacher"]
     assert not (out / "model" / "trainer_state.pt").exists()
+    # and records the loss of every optimizer step (averaged over the 2 ranks) beside the model, not in it
+    rows = loss_rows(out, "align")
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))
+    assert float(rows[0]["loss"]) == pytest.approx(record["first_loss"]) and not (out / "model" / "loss.csv").exists()
     printed = capsys.readouterr().out
     assert "trained phase align: steps 0 -> 12 on 2 worker(s)" in printed and str(out / "model") in printed
 
@@ -91,6 +107,8 @@ def test_a_second_run_with_the_same_run_name_resumes_from_its_last_checkpoint(ra
     assert (record["start_step"], record["steps"]) == (3, 6)
     assert load_checkpoint(Path(record["run_path"]) / "step-0000006")[2] == 6
     assert (Path(record["run_path"]) / "step-0000003").is_dir()
+    # and the loss record has every step once: the first run's 3, then the resumed run's
+    assert [int(r["step"]) for r in loss_rows(out, "align")] == list(range(1, 7))
 
 
 def test_refine_trains_against_frozen_teacher_ads_with_mined_hard_negatives(ray_cluster, tiny_bert_dir, catalog_split,
@@ -103,10 +121,14 @@ def test_refine_trains_against_frozen_teacher_ads_with_mined_hard_negatives(ray_
     # When refine runs with 3 hard negatives per pair mined from the teacher's ranks [0, 30)
     out = tmp_path / "refine"
     code = main(job_args(catalog_split, "refine", out, "train.max_steps=4", "train.hard_negatives=3",
-                         "train.hard_negative_ranks=[0, 30]", init=tiny_bert_dir))
+                         "train.hard_negative_ranks=[0, 30]", "train.l2_weight=0.5", init=tiny_bert_dir))
     assert code == 0
     record = json.loads((out / "metrics.json").read_text())
     assert (record["steps"], record["workers"]) == (4, 1) and record["final_loss"] > 0
+    # its loss record has a row per step with the two weighted terms that make up the loss
+    rows = loss_rows(out, "refine")
+    assert len(rows) == 4 and all(float(r["loss"]) == pytest.approx(float(r["loss/contrastive"]) +
+                                                                     float(r["loss/l2"])) for r in rows)
     assert "trained phase refine" in capsys.readouterr().out
     # Then the workers trained against the teacher's ad vectors as written, and the file is untouched
     data = handed[0]
@@ -123,10 +145,11 @@ def test_refine_trains_against_frozen_teacher_ads_with_mined_hard_negatives(ray_
                                           strict=True) if y > 0}
     assert not any((qid[text], ads.ids[j]) in relevant
                    for text, row in zip(data.queries, data.hard_negative_idx, strict=True) for j in row)
-    # and the negatives reach the loss: the same first step without them has a lower InfoNCE
+    # and the negatives reach the loss: the same first step without them (nor L2) has a lower InfoNCE
     assert main(job_args(catalog_split, "refine", tmp_path / "in-batch", "train.max_steps=1", "train.hard_negatives=0",
                          init=tiny_bert_dir, dev=False)) == 0
-    assert json.loads((tmp_path / "in-batch" / "metrics.json").read_text())["first_loss"] < record["first_loss"]
+    in_batch = json.loads((tmp_path / "in-batch" / "metrics.json").read_text())["first_loss"]
+    assert in_batch < float(rows[0]["loss/contrastive"])  # the InfoNCE term alone, without the L2 one
 
 
 def test_prune_on_two_workers_writes_one_encoder_folder_per_schedule_step(ray_cluster, tiny_bert_dir, catalog_split,
@@ -139,6 +162,7 @@ def test_prune_on_two_workers_writes_one_encoder_folder_per_schedule_step(ray_cl
     assert num_layers(pruned) == 1 and pruned.space == catalog_split["space"]
     assert num_layers(Encoder.load(out / "model")) == 1
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    assert [(r["step"], r["n_layers"]) for r in loss_rows(out, "prune")] == [("1", "1"), ("2", "1")]
 
 
 def test_a_missing_input_file_exits_2_and_names_it(catalog_split, tmp_path):

@@ -410,25 +410,3 @@ def test_every_third_party_import_of_the_code_is_a_declared_dependency():
     undeclared = {m: dists.get(m) for m in third_party
                   if not {d.lower().replace("_", "-") for d in dists.get(m, [])} & declared}
     assert not undeclared, f"imported but not in pyproject's dependencies: {undeclared}"
-
-
-@pytest.mark.parametrize("module", ["pipelines.embed", "pipelines.publish_index", "pipelines.index",
-                                    "pipelines.export_onnx"])
-def test_help_shows_the_command_to_type_and_the_module_examples(module):
-    import importlib
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
-                          check=True)
-    assert done.stdout.startswith(f"usage: python -m {module} ")
-    example = importlib.import_module(module).__doc__.splitlines()[2].strip()  # the docstring's first example
-    assert example.startswith(f"python -m {module}") and example in done.stdout
-
-
-def test_publish_index_refuses_config_flags_it_would_ignore(capsys):
-    from pipelines import publish_index
-
-    with pytest.raises(SystemExit) as exit_:
-        publish_index.main(["--embeddings", "emb/ads", "--index", "ads", "--set", "embed.batch_size=8"])
-    assert exit_.value.code == 2 and "unrecognized arguments: --set" in capsys.readouterr().err

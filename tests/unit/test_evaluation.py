@@ -58,7 +58,7 @@ def test_compare_reports_recovery_and_speed_ratios_against_the_teacher(tmp_path)
     # a row searched in its own index is scored there: its P@100 is its own retrieval, not the teacher's
     assert s.index == "own" and t.index == "teacher"
     assert s.quality == retrieval_quality(own, student.encode(QUERIES), ["q0", "q1", "q2"], qrels)
-    paths = write_report(reports, tmp_path)
+    paths = write_report(reports, tmp_path, qrels)
     assert "| student | own |" in paths["md"].read_text() and paths["plot"].stat().st_size > 0
     assert [r["name"] for r in json.loads(paths["json"].read_text())] == ["teacher", "student"]
 
@@ -97,3 +97,7 @@ def test_students_in_folders_of_the_same_name_get_a_row_each(tmp_path):
     assert main([*common, *[a for s in students for a in ("--student", str(s))]]) == 0
     rows = [r["name"] for r in json.loads((tmp_path / "out" / "report.json").read_text())]
     assert rows == ["teacher", "student align/model", "student refine/model"]
+    # and writes each row's ranking as a TREC run beside the report, with the labels it was scored on
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir()) == [
+        "student_align_model.trec", "student_refine_model.trec", "teacher.trec"]
+    assert (tmp_path / "out" / "qrels.trec").read_text() == "q0 0 a0 2\n"

@@ -145,6 +145,19 @@ def test_refine_with_l2_weight_stays_closer_to_the_teacher_queries(teacher):
     assert distances[5.0] < 0.7 * distances[0.0]
 
 
+def test_refine_with_l2_weight_reports_its_two_weighted_terms_which_sum_to_the_loss(teacher):
+    seen = []
+    student = prepare_student(tiny_encoder("bert", hidden=STUDENT_DIM, seed=0), TEACHER_DIM, "projection")
+    train_refine(student, QUERIES, POSITIVE, teacher["ad_emb"], cfg(max_steps=3, l2_weight=0.5),
+                 teacher_q_emb=teacher["q_emb"], on_step=lambda step, m, save: seen.append(m))
+    assert [set(m["parts"]) for m in seen] == [{"contrastive", "l2"}] * 3
+    assert all(m["loss"] == pytest.approx(sum(m["parts"].values()), rel=1e-6) for m in seen)
+    # and a one-term loss reports no terms
+    train_refine(student, QUERIES, POSITIVE, teacher["ad_emb"], cfg(max_steps=1),
+                 on_step=lambda step, m, save: seen.append(m))
+    assert seen[-1]["parts"] == {}
+
+
 # ---------------------------------------------------------------------------------------------- teacher
 
 
