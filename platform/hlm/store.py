@@ -154,11 +154,12 @@ class IndexStore:
     # ------------------------------------------------------------------------------------------ publish
 
     def publish(self, index: AdIndex, *, source: str = "", version: str | None = None,
-                based_on: str | None | object = _STARTED) -> str:
+                based_on: str | None | object = _STARTED, extra: dict | None = None) -> str:
         """Store ``index`` as a new version, verify it, then make it current. Returns the version id.
 
         ``based_on`` is the version ``current`` must still name at the commit (None: nothing published);
         by default the one current when this call starts. Otherwise the publish is refused and cleaned up.
+        ``extra`` adds JSON fields to the manifest (the refresh's ``stream_position``, ``stream_previous``).
         """
         version = version or new_version()
         if not _NAME.match(version):
@@ -174,6 +175,7 @@ class IndexStore:
             "sha256": _sha256([blob]), "ids_sha256": _sha256([ids_blob]),
             "created_at": datetime.now(UTC).isoformat(), "source": source, "format": 1,
             "faiss_version": faiss.__version__,  # a reader with another FAISS can say why it cannot deserialise
+            **(extra or {}),
         }
         what = f"publishing {self.name} version {version}"
         with _redis_errors(f"{what} failed; current is unchanged", PublishError):
