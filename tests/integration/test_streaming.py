@@ -192,3 +192,20 @@ def test_redis_unreachable_the_updater_retries_and_loses_nothing(env) -> None:
         stop.set()
         t.join()
     assert [e.event_id for e in DeltaLog(store.client, store.name).read("v1")] == ids
+
+
+def test_the_ad_events_cli_sends_json_lines_and_refuses_a_bad_file_naming_the_row(env, redis_url, tmp_path,
+                                                                                   capsys) -> None:
+    from pipelines.ad_events import main
+
+    store, _ = env
+    good, bad = tmp_path / "changes.jsonl", tmp_path / "bad.jsonl"
+    good.write_text('{"op": "upsert", "ad_id": "n1", "text": "oak door"}\n{"op": "delete", "ad_id": "ad-1"}\n')
+    bad.write_text('{"ad_id": "n2", "text": "white paint"}\n{"op": "upsert", "ad_id": "n3", "text": ""}\n')
+    argv = ["--index", store.name, "--redis-url", redis_url]
+    assert main(["--input", str(bad), *argv]) == 2
+    assert f"{bad} row 1: empty text" in capsys.readouterr().err
+    assert main(["--input", str(good), *argv]) == 0
+    assert f"sent 2 events (1 deletes) to hlm:{store.name}:ad_events" in capsys.readouterr().out
+    sent = store.client.xrange(events_key(store.name))
+    assert [(f[b"op"], f[b"ad_id"]) for _, f in sent] == [(b"upsert", b"n1"), (b"delete", b"ad-1")]
