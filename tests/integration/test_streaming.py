@@ -131,20 +131,43 @@ def test_a_replica_applies_deletes_and_upserts_and_a_restarted_one_catches_up_to
 
 def test_a_delete_stays_invisible_across_a_hot_swap_and_the_new_base_gets_the_tail(env) -> None:
     store, producer = env
-    live = LiveIndex(store, SPACE)
+    live = LiveIndex(store, SPACE, poll_s=0.05)
     live.refresh()
+    live.start()  # the follower and the poll loop run as on a replica, under 4 searching threads
     u = updater(store)
+    seen_gone, came_back, stop = threading.Event(), [], threading.Event()
+
+    def search_load() -> None:
+        while not stop.is_set():
+            hits = found(live, "text ad-5", k=40)
+            if "ad-5" not in hits:
+                seen_gone.set()
+            elif seen_gone.is_set():
+                came_back.append(live.status()["version"])
+
+    load = [threading.Thread(target=search_load) for _ in range(4)]
+    for t in load:
+        t.start()
     producer.delete("ad-5")
     drain(u)
-    live.snapshot.deltas.follow(block_ms=None)
-    assert "ad-5" not in found(live, "text ad-5", k=40)
+    assert seen_gone.wait(10)
     # Given a new base built before that delete (position 0-0: it still holds ad-5), published by the refresh
     ids = [f"ad-{i}" for i in range(40)]
     store.publish(AdIndex.build(ids, encode([f"text {i}" for i in ids]), SPACE), version="v2",
                   extra={"stream_position": "0-0", "stream_previous": "v1"})
-    # When the replica swaps before the updater has seen v2
-    assert live.refresh() and live.status()["version"] == "v2"
-    # Then ad-5 stays deleted (the replica reads v1's tail), and the updater then copies the tail into v2's log
+    # When the replica swaps (its poll loop) before the updater has seen v2
+    for _ in range(200):
+        if live.status()["version"] == "v2":
+            break
+        stop.wait(0.05)
+    stop.wait(0.3)
+    stop.set()
+    live.stop()
+    for t in load:
+        t.join()
+    # Then no search returned ad-5 after its delete was first seen, before or after the swap (the replica read
+    # v1's tail), and the updater then copies the tail into v2's log
+    assert live.status()["version"] == "v2" and came_back == []
     assert "ad-5" not in found(live, "text ad-5", k=40)
     producer.upsert("late", "after the swap")
     drain(u)
