@@ -23,7 +23,7 @@ class DeltaFollower:
         start = position(manifest)
         self.index = DeltaIndex(base, start)
         keys = [self.log.key(version)] + ([self.log.key(p)] if (p := manifest.get("stream_previous")) else [])
-        self.cursors = dict.fromkeys(keys, start)  # log key -> last entry id read
+        self.cursors = dict.fromkeys(keys, "0-0")  # log key -> last entry id read (entries are not in event order)
         self.lag: dict | None = None
         self.last_error: str | None = None
 
@@ -41,7 +41,7 @@ class DeltaFollower:
             entries = []
             for key, rows in reply or []:
                 key = key.decode() if isinstance(key, bytes) else key
-                entries += [decode(i, f) for i, f in rows]
+                entries += [decode(f) for _, f in rows]
                 self.cursors[key] = rows[-1][0].decode()
             applied += self.index.apply(entries)
             if not entries or block_ms is not None:

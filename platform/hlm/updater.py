@@ -6,12 +6,11 @@ the consumer group ``hlm-updater`` in micro-batches, oldest first:
 
 1. every pending entry first (XAUTOCLAIM from ``0-0``, no idle time: the lease says their consumer is dead, or is
    this one after a Redis error), then new entries (XREADGROUP ``>``);
-2. malformed entries go to the dead-letter stream with their reason; deletes need no teacher;
-3. upserts are embedded in one call of ``encode(texts) -> float32 (n, d)``;
-4. one MULTI/EXEC, guarded by WATCH on ``current``, appends the entries (entry id = event id) to the delta log of
-   the version ``current`` names and the dead letters to their stream, skipping ids at or below what each already
-   holds (and, for the log, the base's own stream position): a replayed event writes nothing;
-5. XACK, only after the EXEC: a crash before it leaves the events pending for the next updater.
+2. deletes need no teacher: they are appended to the delta log of the version ``current`` names at once (one
+   Lua script that checks ``current`` and skips event ids the log holds already, or the base includes: a
+   replayed event writes nothing), and malformed entries go to the dead-letter stream with their reason;
+3. upserts are embedded in one call of ``encode(texts) -> float32 (n, d)`` and appended the same way;
+4. XACK, only after both appends: a crash before it leaves the events pending for the next updater.
 
 When ``current`` moves to a new base, the tail of the old base's log after the new base's stream position is copied
 into the new base's log (the vectors are reused), so nothing the refresh did not fold in is lost.
@@ -32,8 +31,8 @@ import redis
 from pydantic import Field
 
 from hlm.config import Config, _Section
-from hlm.deltas import DeltaEntry, DeltaLog, newer, position
-from hlm.events import GROUP, MAX_TEXT_CHARS, AdEvent, dead_letter_key, events_key, parse, stream_id
+from hlm.deltas import DeltaEntry, DeltaLog, NotCurrent, newer, position
+from hlm.events import GROUP, MAX_TEXT_CHARS, AdEvent, dead_letter_key, events_key, parse
 from hlm.lease import Lease, LeaseHeld
 from hlm.store import IndexStore, StoreError, StoreUnavailable
 
@@ -105,7 +104,8 @@ class StreamUpdater:
 
     # ------------------------------------------------------------------------------------------ one batch
     def process(self, entries: list[tuple[bytes, dict]]) -> int:
-        """Validate, embed, write, ack one micro-batch; returns the delta entries written."""
+        """Validate, write deletes and dead letters (no teacher), embed and write upserts, then ack one micro-batch;
+        returns the delta entries written."""
         events: list[AdEvent] = []
         dead: list[tuple[str, dict]] = []
         for raw_id, fields in entries:
@@ -115,16 +115,17 @@ class StreamUpdater:
                 logger.warning("event %s to the dead-letter stream: %s", raw_id.decode(), parsed)
             else:
                 events.append(parsed)
+        deletes = [DeltaEntry(e.id, e.op, e.ad_id, None, None, e.ts) for e in events if e.op == "delete"]
+        written = self._write(deletes)  # the fast path: visible before the batch's upserts are embedded
+        self._dead_letter(dead)
         upserts = [e for e in events if e.op == "upsert"]
-        vectors = self._embed([e.text for e in upserts]) if upserts else None
-        vec_of = {e.id: vectors[i] for i, e in enumerate(upserts)} if vectors is not None else {}
-        deltas = [DeltaEntry(e.id, e.op, e.ad_id, vec_of.get(e.id), self.space if e.op == "upsert" else None, e.ts)
-                  for e in events]
-        written = self._write(deltas, dead)
-        self.client.xack(self.key, GROUP, *[raw_id for raw_id, _ in entries])  # only now: the write is in Redis
+        if upserts:
+            vectors = self._embed([e.text for e in upserts])  # (n, d)
+            written += self._write([DeltaEntry(e.id, e.op, e.ad_id, v, self.space, e.ts)
+                                    for e, v in zip(upserts, vectors, strict=True)])
+        self.client.xack(self.key, GROUP, *[raw_id for raw_id, _ in entries])  # only now: the writes are in Redis
         c = self.counts
-        c.events, c.upserts, c.deletes = c.events + len(entries), c.upserts + len(upserts), c.deletes + len(events)
-        c.deletes -= len(upserts)
+        c.events, c.upserts, c.deletes = c.events + len(entries), c.upserts + len(upserts), c.deletes + len(deletes)
         c.dead, c.written, c.batches = c.dead + len(dead), c.written + written, c.batches + 1
         return written
 
@@ -136,31 +137,29 @@ class StreamUpdater:
         self.counts.embed_s += time.perf_counter() - started
         return emb
 
-    def _write(self, deltas: list[DeltaEntry], dead: list[tuple[str, dict]]) -> int:
-        """Append to the log of ``current`` and to the dead-letter stream in one MULTI/EXEC that commits only if
-        ``current`` did not move meanwhile (else the batch goes to the new base)."""
-        while True:
+    def _write(self, deltas: list[DeltaEntry]) -> int:
+        """Append to the log of ``current``; the append commits only if ``current`` did not move meanwhile (else the
+        entries go to the new base)."""
+        while deltas:
             base = self.store.current()
             if base is None:
                 raise StoreError(f"index {self.index}: nothing published yet; the events stay pending")
             if base != self.base:
                 self._adopt(base)
-            floor = max(position(self.store.manifest(base)), self.log.last_id(base) or "0-0", key=stream_id)
-            dead_floor = self._last_id(self.dead_key)
-            with self.client.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(self.store.current_key)
-                    if (pipe.get(self.store.current_key) or b"").decode() != base:
-                        continue
-                    pipe.multi()
-                    n = self.log.append(pipe, base, deltas, floor)
-                    for event_id, fields in dead:
-                        if newer(event_id, dead_floor):
-                            pipe.xadd(self.dead_key, fields, id=event_id)
-                    pipe.execute()
-                    return n
-                except redis.WatchError:
-                    continue
+            try:
+                return self.log.append(base, self.store.current_key, deltas, position(self.store.manifest(base)))
+            except NotCurrent:
+                continue
+        return 0
+
+    def _dead_letter(self, dead: list[tuple[str, dict]]) -> None:
+        """Dead letters keep their event id as entry id: ids at or below the stream's last are written already."""
+        floor = self._last_id(self.dead_key)
+        pipe = self.client.pipeline(transaction=True)
+        for event_id, fields in dead:
+            if newer(event_id, floor):
+                pipe.xadd(self.dead_key, fields, id=event_id)
+        pipe.execute()
 
     def _adopt(self, base: str) -> None:
         """Start writing to ``base``: check its space, then copy the tail of the log written so far (this updater's
@@ -172,10 +171,10 @@ class StreamUpdater:
         previous = self.base or manifest.get("stream_previous")
         if previous and previous != base:
             tail = self.log.read(previous, after=position(manifest))
-            floor = max(position(manifest), self.log.last_id(base) or "0-0", key=stream_id)
-            with self.client.pipeline(transaction=True) as pipe:
-                copied = self.log.append(pipe, base, tail, floor)
-                pipe.execute()
+            try:
+                copied = self.log.append(base, self.store.current_key, tail, position(manifest))
+            except NotCurrent:
+                return  # current moved again: the caller adopts the newer one
             logger.info("new base %s: copied %d delta entries after %s from %s", base, copied, position(manifest),
                         previous)
         self.base = base

@@ -234,8 +234,8 @@ def test_the_refresh_folds_the_event_stream_in_and_records_its_position(refresh:
     producer.upsert("streamed", "streamed steel tile")
     producer.upsert("ad-00001", "an edited drill")
     position = producer.delete("ad-00002")
-    refresh.store.client.xadd(f"hlm:{refresh.index}:v:{first}:delta", {"op": "delete", "ad_id": "ad-00002"},
-                              id=position)  # what the updater wrote for the old base
+    refresh.store.client.xadd(f"hlm:{refresh.index}:v:{first}:delta",  # what the updater wrote for the old base
+                              {"event": position, "op": "delete", "ad_id": "ad-00002"})
     # When the nightly refresh runs over the unchanged export
     rc, rec = refresh()
     # Then the new version holds the stream's changes, records the position and the version it replaced

@@ -79,8 +79,8 @@ def test_malformed_events_go_to_the_dead_letter_stream_with_reasons_and_the_stre
     assert reasons == ["missing field ad_id", "empty text (an upsert needs the ad's text)",
                        "unknown op 'pause' (expected one of upsert, delete)",
                        "text of 9000 chars, over the limit of 8192"]
-    assert [(e.op, e.ad_id) for e in DeltaLog(store.client, store.name).read("v1")] == [("upsert", "new-1"),
-                                                                                       ("delete", "ad-3")]
+    log = DeltaLog(store.client, store.name).read("v1")
+    assert [(e.op, e.ad_id) for e in log] == [("delete", "ad-3"), ("upsert", "new-1")]  # deletes skip the teacher
     assert store.client.xpending(key, "hlm-updater")["pending"] == 0
 
 
@@ -100,7 +100,7 @@ def test_a_batch_written_but_not_acked_is_replayed_by_the_next_updater_without_d
     drain(second)
     # Then each event is in the log exactly once, and nothing is pending
     log = DeltaLog(store.client, store.name).read("v1")
-    assert [e.event_id for e in log] == ids
+    assert sorted(e.event_id for e in log) == sorted(ids) and len(log) == len(ids)
     assert second.counts.events == 6 and second.counts.written == 0
     assert store.client.xpending(events_key(store.name), "hlm-updater")["pending"] == 0
 
@@ -214,7 +214,7 @@ def test_redis_unreachable_the_updater_retries_and_loses_nothing(env) -> None:
     finally:
         stop.set()
         t.join()
-    assert [e.event_id for e in DeltaLog(store.client, store.name).read("v1")] == ids
+    assert sorted(e.event_id for e in DeltaLog(store.client, store.name).read("v1")) == sorted(ids)
 
 
 def test_the_ad_events_cli_sends_json_lines_and_refuses_a_bad_file_naming_the_row(env, redis_url, tmp_path,
