@@ -232,3 +232,40 @@ def test_the_ad_events_cli_sends_json_lines_and_refuses_a_bad_file_naming_the_ro
     assert f"sent 2 events (1 deletes) to hlm:{store.name}:ad_events" in capsys.readouterr().out
     sent = store.client.xrange(events_key(store.name))
     assert [(f[b"op"], f[b"ad_id"]) for _, f in sent] == [(b"upsert", b"n1"), (b"delete", b"ad-1")]
+
+
+def test_redis_unreachable_a_replica_keeps_its_deltas_and_catches_up_when_it_returns(env, monkeypatch) -> None:
+    store, producer = env
+    live = LiveIndex(store, SPACE, poll_s=0.05)
+    live.refresh()
+    u = updater(store)
+    producer.delete("ad-9")
+    drain(u)
+    live.snapshot.deltas.follow(block_ms=None)
+    # Given Redis stops answering the replica's follower while it runs
+    real_xread = store.client.xread
+
+    def unreachable(*a, **k):
+        raise redis.ConnectionError("Redis is unreachable")
+
+    monkeypatch.setattr(store.client, "xread", unreachable)
+    live.start()
+    try:
+        for _ in range(100):
+            if live.status()["delta"]["last_error"]:
+                break
+            threading.Event().wait(0.02)
+        # Then it keeps what it applied, and says why it is not following
+        assert "unreachable" in live.status()["delta"]["last_error"]
+        assert "ad-9" not in found(live, "text ad-9", k=40)
+        # And when Redis returns, it applies what was written meanwhile
+        producer.delete("ad-10")
+        drain(u)
+        monkeypatch.setattr(store.client, "xread", real_xread)
+        for _ in range(200):
+            if "ad-10" not in found(live, "text ad-10", k=40):
+                break
+            threading.Event().wait(0.02)
+        assert "ad-10" not in found(live, "text ad-10", k=40) and "ad-9" not in found(live, "text ad-9", k=40)
+    finally:
+        live.stop()
