@@ -23,14 +23,15 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from bench import embed, encoder, faiss_scale, load, serving, train_throughput
+from bench import embed, encoder, faiss_scale, load, serving, stream, train_throughput
 from bench.common import threads
 from hlm.cli import setup_logging
 
 logger = logging.getLogger(__name__)
 
 BENCHMARKS: dict[str, ModuleType] = {"embed": embed, "encoder": encoder, "faiss_scale": faiss_scale,
-                                     "train_throughput": train_throughput, "serving": serving, "load": load}
+                                     "train_throughput": train_throughput, "serving": serving, "load": load,
+                                     "stream": stream}
 
 
 def _cell(value: object) -> str:

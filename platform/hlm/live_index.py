@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
+from hlm.delta_follower import DeltaFollower
 from hlm.index import AdIndex
 from hlm.memory import available_memory_bytes
 from hlm.space import SpaceMismatch
@@ -39,6 +40,7 @@ class Snapshot:
     index: AdIndex
     version: str
     loaded_at: float = field(default_factory=time.time)
+    deltas: DeltaFollower | None = None  # the streamed upserts and deletes over this version (hlm.delta_follower)
 
 
 @dataclass
@@ -76,7 +78,8 @@ class LiveIndex:
         hits: list[list[tuple[str, float]]] = [[] for _ in ks]
         for k_value in dict.fromkeys(ks):
             rows = [i for i, k_row in enumerate(ks) if k_row == k_value]
-            found = snap.index.search_ids(q_emb[rows], min(k_value, snap.index.ntotal))  # (b, d) -> b lists
+            found = (snap.deltas.index.search(q_emb[rows], k_value) if snap.deltas else  # (b, d) -> b lists
+                     snap.index.search_ids(q_emb[rows], min(k_value, snap.index.ntotal)))
             for i, row_hits in zip(rows, found, strict=True):
                 hits[i] = row_hits
         return hits, snap.version
@@ -93,6 +96,7 @@ class LiveIndex:
             "last_check_age_s": round(time.time() - self.state.last_check, 1) if self.state.last_check else None,
             "last_error": self.state.last_error,
             "refused": dict(self.state.refused),
+            **(snap.deltas.status() if snap and snap.deltas else {}),
         }
 
     # ------------------------------------------------------------------------------------------ refresh
@@ -110,6 +114,7 @@ class LiveIndex:
                 logger.error("%s; still serving %s", short, self._serving())
                 return False
             index = self.store.load(version, expected_space=self.expected_space)
+            deltas = DeltaFollower.start(self.store, version, index)  # replays the version's delta log before the swap
         except (StoreUnavailable, redis.RedisError) as e:  # Redis trouble: transient, retried on the next poll
             self.state.last_error = str(e)
             logger.warning("index refresh failed, still serving %s: %s", self._serving(), e)
@@ -122,7 +127,7 @@ class LiveIndex:
             self.state.last_error = why
             logger.error("refused version %s, still serving %s: %s", version, self._serving(), why)
             return False
-        self.snapshot = Snapshot(index, version)
+        self.snapshot = Snapshot(index, version, deltas=deltas)
         self.state.last_error = None
         logger.info("serving %s version %s (%d ads)", self.store.name, version, index.ntotal)
         return True
@@ -157,7 +162,7 @@ class LiveIndex:
 
     def start(self) -> None:
         """Background poll loop plus a pub/sub listener that wakes it early."""
-        for target in (self._poll_loop, self._listen_loop):
+        for target in (self._poll_loop, self._listen_loop, self._delta_loop):
             t = threading.Thread(target=target, name=f"hlm-{target.__name__}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -189,3 +194,16 @@ class LiveIndex:
                         self._wake.set()
             except redis.RedisError:
                 self._stop.wait(self.poll_s)  # the poll loop is the source of truth; retry the hint later
+
+    def _delta_loop(self) -> None:
+        """Follows the served version's delta log (blocking reads); Redis trouble keeps what was applied."""
+        while not self._stop.is_set():
+            snap = self.snapshot
+            if snap is None or snap.deltas is None:
+                self._stop.wait(0.1)
+                continue
+            try:
+                snap.deltas.follow(block_ms=200)
+            except redis.RedisError as e:
+                snap.deltas.last_error = f"{type(e).__name__}: {e}"
+                self._stop.wait(self.poll_s)

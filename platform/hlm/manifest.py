@@ -54,9 +54,10 @@ def sha256_hex(parts: Iterable[bytes | memoryview]) -> str:
 
 
 def describe(index: AdIndex, blob: bytes, ids_blob: bytes, *, index_name: str, version: str, chunk_bytes: int,
-             source: str, key: bytes | None, max_bytes: int = MAX_INDEX_BYTES) -> dict:
-    """The manifest of ``index`` (``blob, ids_blob = index.to_bytes()``) stored in ``chunk_bytes`` chunks, signed
-    with ``key`` unless it is None. ManifestError if a reader would refuse it for its sizes."""
+             source: str, key: bytes | None, max_bytes: int = MAX_INDEX_BYTES, extra: dict | None = None) -> dict:
+    """The manifest of ``index`` (``blob, ids_blob = index.to_bytes()``) stored in ``chunk_bytes`` chunks, with the
+    JSON fields ``extra`` (the refresh's stream position), signed with ``key`` unless it is None. ManifestError if a
+    reader would refuse it for its sizes."""
     if len(ids_blob) > REDIS_MAX_VALUE:
         raise ManifestError(f"the ad ids take {len(ids_blob)} bytes, over Redis's 512 MiB value limit; at this "
                             "scale keep the blob in object storage (docs/design.md)")
@@ -67,6 +68,9 @@ def describe(index: AdIndex, blob: bytes, ids_blob: bytes, *, index_name: str, v
         "created_at": datetime.now(UTC).isoformat(), "source": source, "format": 1,
         "faiss_version": faiss.__version__,  # a reader with another FAISS can say why it cannot deserialise
     }
+    if clash := manifest.keys() & (extra or {}).keys():
+        raise ValueError(f"extra manifest fields {sorted(clash)} would replace the manifest's own")
+    manifest.update(extra or {})
     check_bounds(manifest, max_bytes=max_bytes)
     return manifest if key is None else sign(manifest, key)
 

@@ -45,6 +45,7 @@ from hlm.metrics import PRIMARY_K, PRIMARY_METRIC
 from hlm.redis_client import redis_client
 from hlm.refresh_state import Diff, State, diff, load_state, merge_embeddings, save_state, text_hashes
 from hlm.store import IndexStore, StoreError, new_version
+from hlm.stream_fold import fold, last_events, stream_position
 
 logger = logging.getLogger(__name__)
 EmbedFn = Callable[[Path, str, Path], Path]  # (input Parquet, "ads" | "queries", output folder) -> output folder
@@ -94,6 +95,7 @@ class Record:
     gate: dict | None = None
     gc_deleted: list[str] | None = None
     gc_error: str | None = None
+    stream: dict | None = None  # the event stream position this version includes, and the events folded in
     finished_at: str | None = None
 
     def timed(self, name: str, step: Callable[..., T], *args, **kwargs) -> T:
@@ -226,7 +228,11 @@ def refresh(cfg: Config, embed: EmbedFn) -> dict:
 
 def _steps(cfg: Config, embed: EmbedFn, store: IndexStore, lease: Lease, run_dir: Path, rec: Record) -> None:
     job = cfg.refresh
+    position = stream_position(store.client, job.index)  # before the catalogue: events up to it are folded in
     rows, rejected = rec.timed("read_catalogue", read_catalogue, job.ads)
+    events = rec.timed("read_stream", last_events, store.client, job.index, position)
+    rows, rejected = fold(rows, rejected, events)
+    rec.stream = {"position": position, "ads_with_events": len(events)}
     previous = rec.timed("previous_state", read_previous, store)
     rec.previous, rec.space = previous.describe(), space_of(cfg.teacher)
     p = plan(rows, rejected, previous)
@@ -261,7 +267,8 @@ def _steps(cfg: Config, embed: EmbedFn, store: IndexStore, lease: Lease, run_dir
         raise StoreError(f"lost the lease {store.lease_key} (a pause longer than refresh.lease_s {job.lease_s}); "
                          "another run may be publishing, so this one does not")
     rec.published_version = rec.timed("publish", store.publish, index, source=str(run_dir.resolve()), version=rec.run,
-                                      based_on=previous.version)
+                                      based_on=previous.version,
+                                      extra={"stream_position": position, "stream_previous": previous.version})
     rec.status = "published"
     try:  # the publish stands even when cleaning up old versions fails
         rec.gc_deleted = store.gc()

@@ -131,11 +131,12 @@ class IndexStore:
     # ------------------------------------------------------------------------------------------ publish
 
     def publish(self, index: AdIndex, *, source: str = "", version: str | None = None,
-                based_on: str | None | object = _STARTED) -> str:
+                based_on: str | None | object = _STARTED, extra: dict | None = None) -> str:
         """Store ``index`` as a new version, verify it, then make it current. Returns the version id.
 
         ``based_on`` is the version ``current`` must still name at the commit (None: nothing published);
         by default the one current when this call starts. Otherwise the publish is refused and cleaned up.
+        ``extra`` adds JSON fields to the manifest (the refresh's ``stream_position``, ``stream_previous``).
         """
         version = version or new_version()
         if not _NAME.match(version):
@@ -146,7 +147,7 @@ class IndexStore:
         try:  # within the bounds readers check, signed when this store has a key
             manifest = manifests.describe(index, blob, ids_blob, index_name=self.name, version=version,
                                           chunk_bytes=self.chunk_bytes, source=source, key=self.signing_key,
-                                          max_bytes=self.max_index_bytes)
+                                          max_bytes=self.max_index_bytes, extra=extra)
         except ManifestError as e:
             raise PublishError(f"{what}: {e}") from e
         with redis_errors(f"{what} failed; current is unchanged", PublishError):

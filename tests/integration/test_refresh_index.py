@@ -219,3 +219,31 @@ def test_a_second_nightly_run_does_not_start_while_one_holds_the_lease(refresh: 
         rc, rec = refresh()
     assert rc == 2 and rec["status"] == "error" and "held by run-still-embedding" in rec["why_not"]
     assert "read_catalogue" not in rec["timings_s"] and refresh.store.current() is None
+
+
+def test_the_refresh_folds_the_event_stream_in_and_records_its_position(refresh: Refresh) -> None:
+    from hlm.deltas import DeltaLog
+    from hlm.events import AdEventProducer
+
+    # Given a published catalogue, then a streamed upsert, an edit and a delete, and one event more after that
+    texts = catalogue()
+    write_ads(refresh.ads, texts)
+    assert refresh()[0] == 0
+    first = refresh.store.current()
+    producer = AdEventProducer(refresh.store.client, refresh.index)
+    producer.upsert("streamed", "streamed steel tile")
+    producer.upsert("ad-00001", "an edited drill")
+    position = producer.delete("ad-00002")
+    refresh.store.client.xadd(f"hlm:{refresh.index}:v:{first}:delta",  # what the updater wrote for the old base
+                              {"event": position, "op": "delete", "ad_id": "ad-00002"})
+    # When the nightly refresh runs over the unchanged export
+    rc, rec = refresh()
+    # Then the new version holds the stream's changes, records the position and the version it replaced
+    assert rc == 0 and rec["status"] == "published", rec["why_not"]
+    assert rec["counts"]["new"] == 1 and rec["counts"]["changed"] == 1 and rec["counts"]["deleted"] == 1
+    manifest = refresh.store.manifest(rec["published_version"])
+    assert manifest["stream_position"] == position and manifest["stream_previous"] == first
+    index = refresh.store.load()
+    assert "streamed" in index.ids and "ad-00002" not in index.ids
+    # And nothing of the old base's log is after the position: a replica of the new base applies none of it twice
+    assert DeltaLog(refresh.store.client, refresh.index).read(first, after=manifest["stream_position"]) == []

@@ -1,0 +1,218 @@
+"""The streaming updater: event stream → validate → embed upserts with the teacher → delta log of ``current`` → ack.
+
+One updater works on an index at a time (it holds ``hlm:{index}:updater``, a `hlm.lease.Lease`); its throughput
+comes from the encoder it is given (`pipelines.stream_ads` passes a Ray actor pool). It reads the event stream with
+the consumer group ``hlm-updater`` in micro-batches, oldest first:
+
+1. every pending entry first (XAUTOCLAIM from ``0-0``, no idle time: the lease says their consumer is dead, or is
+   this one after a Redis error), then new entries (XREADGROUP ``>``);
+2. deletes need no teacher: they are appended to the delta log of the version ``current`` names at once (one
+   Lua script that checks ``current`` and skips event ids the log holds already, or the base includes: a
+   replayed event writes nothing), and malformed entries go to the dead-letter stream with their reason;
+3. upserts are embedded in one call of ``encode(texts) -> float32 (n, d)`` and appended the same way;
+4. XACK, only after both appends: a crash before it leaves the events pending for the next updater.
+
+When ``current`` moves to a new base, the tail of the old base's log after the new base's stream position is copied
+into the new base's log (the vectors are reused), so nothing the refresh did not fold in is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+from pydantic import Field
+
+from hlm.config import Config, _Section
+from hlm.deltas import DeltaEntry, DeltaLog, NotCurrent, newer, position
+from hlm.events import GROUP, MAX_TEXT_CHARS, AdEvent, dead_letter_key, events_key, parse
+from hlm.lease import Lease, LeaseHeld
+from hlm.store import IndexStore, StoreError, StoreUnavailable
+
+logger = logging.getLogger(__name__)
+Encode = Callable[[list[str]], np.ndarray]  # texts -> float32 (n, d), the teacher's `Encoder.encode` contract
+
+
+class StreamJob(_Section):
+    """`pipelines.stream_ads`: the long-running updater of one index."""
+
+    index: str = Field("ads", description="index name in Redis: keys hlm:{index}:*")
+    redis_url: str | None = Field(None, description="None = $HLM_REDIS_URL, else redis://127.0.0.1:6379/0")
+    batch_size: int = Field(64, gt=0, description="events per micro-batch (the most one teacher call embeds)")
+    block_ms: int = Field(50, gt=0, description="how long one read waits for new events")
+    max_text_chars: int = Field(MAX_TEXT_CHARS, gt=0, description="longer upsert texts go to the dead-letter stream")
+    lease_s: float = Field(10.0, gt=0, description="TTL of the updater's lease: how long a killed updater blocks "
+                           "the next one")
+    consumer: str = Field("", description="consumer name in the group ('' = host-pid)")
+
+
+class StreamConfig(Config):
+    stream: StreamJob = StreamJob()
+
+
+@dataclass
+class Counts:
+    events: int = 0
+    upserts: int = 0
+    deletes: int = 0
+    dead: int = 0
+    written: int = 0  # delta entries appended (a replayed event adds none)
+    batches: int = 0
+    embed_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+class StreamUpdater:
+    def __init__(self, client: redis.Redis, index: str, encode: Encode, space: str, *, consumer: str = "",
+                 batch_size: int = 64, block_ms: int = 50, max_text_chars: int = MAX_TEXT_CHARS) -> None:
+        self.client, self.index, self.encode, self.space = client, index, encode, space
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.batch_size, self.block_ms, self.max_text_chars = batch_size, block_ms, max_text_chars
+        self.store, self.log = IndexStore(client, index), DeltaLog(client, index)
+        self.key, self.dead_key = events_key(index), dead_letter_key(index)
+        self.base: str | None = None  # the version whose log this updater writes
+        self._claim_from: str | None = "0-0"  # XAUTOCLAIM cursor; None once the pending entries are done
+        self.counts = Counts()
+
+    # ------------------------------------------------------------------------------------------ read
+    def ensure_group(self) -> None:
+        """The consumer group, created at the stream's start (events a base includes are skipped when written)."""
+        try:
+            self.client.xgroup_create(self.key, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def read(self) -> list[tuple[bytes, dict]]:
+        if self._claim_from is not None:
+            cursor, claimed, *_ = self.client.xautoclaim(self.key, GROUP, self.consumer, min_idle_time=0,
+                                                         start_id=self._claim_from, count=self.batch_size)
+            cursor = cursor.decode() if isinstance(cursor, bytes) else cursor
+            self._claim_from = None if cursor == "0-0" else cursor
+            if claimed:
+                return claimed
+        reply = self.client.xreadgroup(GROUP, self.consumer, {self.key: ">"}, count=self.batch_size,
+                                       block=self.block_ms)
+        return reply[0][1] if reply else []
+
+    # ------------------------------------------------------------------------------------------ one batch
+    def process(self, entries: list[tuple[bytes, dict]]) -> int:
+        """Validate, write deletes and dead letters (no teacher), embed and write upserts, then ack one micro-batch;
+        returns the delta entries written."""
+        events: list[AdEvent] = []
+        dead: list[tuple[str, dict]] = []
+        for raw_id, fields in entries:
+            parsed = parse(raw_id.decode(), fields, max_text_chars=self.max_text_chars)
+            if isinstance(parsed, str):
+                dead.append((raw_id.decode(), {**fields, b"event_id": raw_id, b"reason": parsed.encode()}))
+                logger.warning("event %s to the dead-letter stream: %s", raw_id.decode(), parsed)
+            else:
+                events.append(parsed)
+        deletes = [DeltaEntry(e.id, e.op, e.ad_id, None, None, e.ts) for e in events if e.op == "delete"]
+        written = self._write(deletes)  # the fast path: visible before the batch's upserts are embedded
+        self._dead_letter(dead)
+        upserts = [e for e in events if e.op == "upsert"]
+        if upserts:
+            vectors = self._embed([e.text for e in upserts])  # (n, d)
+            written += self._write([DeltaEntry(e.id, e.op, e.ad_id, v, self.space, e.ts)
+                                    for e, v in zip(upserts, vectors, strict=True)])
+        self.client.xack(self.key, GROUP, *[raw_id for raw_id, _ in entries])  # only now: the writes are in Redis
+        c = self.counts
+        c.events, c.upserts, c.deletes = c.events + len(entries), c.upserts + len(upserts), c.deletes + len(deletes)
+        c.dead, c.written, c.batches = c.dead + len(dead), c.written + written, c.batches + 1
+        return written
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        started = time.perf_counter()
+        emb = np.asarray(self.encode(texts), dtype=np.float32)  # (n, d)
+        if emb.ndim != 2 or emb.shape[0] != len(texts):
+            raise ValueError(f"the encoder returned shape {emb.shape} for {len(texts)} texts")
+        self.counts.embed_s += time.perf_counter() - started
+        return emb
+
+    def _write(self, deltas: list[DeltaEntry]) -> int:
+        """Append to the log of ``current``; the append commits only if ``current`` did not move meanwhile (else the
+        entries go to the new base)."""
+        while deltas:
+            base = self.store.current()
+            if base is None:
+                raise StoreError(f"index {self.index}: nothing published yet; the events stay pending")
+            if base != self.base:
+                self._adopt(base)
+            try:
+                return self.log.append(base, self.store.current_key, deltas, position(self.store.manifest(base)))
+            except NotCurrent:
+                continue
+        return 0
+
+    def _dead_letter(self, dead: list[tuple[str, dict]]) -> None:
+        """Dead letters keep their event id as entry id: ids at or below the stream's last are written already."""
+        floor = self._last_id(self.dead_key)
+        pipe = self.client.pipeline(transaction=True)
+        for event_id, fields in dead:
+            if newer(event_id, floor):
+                pipe.xadd(self.dead_key, fields, id=event_id)
+        pipe.execute()
+
+    def _adopt(self, base: str) -> None:
+        """Start writing to ``base``: check its space, then copy the tail of the log written so far (this updater's
+        previous base, else the one ``base`` replaced) after ``base``'s stream position into ``base``'s log."""
+        manifest = self.store.manifest(base)
+        if manifest["space"] != self.space:
+            raise StoreError(f"index {self.index} version {base} is in space {manifest['space']}, the updater's "
+                             f"teacher in {self.space}: no deltas are written for it; the events stay pending")
+        previous = self.base or manifest.get("stream_previous")
+        if previous and previous != base:
+            tail = self.log.read(previous, after=position(manifest))
+            try:
+                copied = self.log.append(base, self.store.current_key, tail, position(manifest))
+            except NotCurrent:
+                return  # current moved again: the caller adopts the newer one
+            logger.info("new base %s: copied %d delta entries after %s from %s", base, copied, position(manifest),
+                        previous)
+        self.base = base
+
+    def _last_id(self, key: str) -> str:
+        rows = self.client.xrevrange(key, count=1)
+        return rows[0][0].decode() if rows else "0-0"
+
+    # ------------------------------------------------------------------------------------------ loop
+    def run(self, stop: threading.Event, *, lease_s: float = 10.0, retry_s: float = 1.0) -> Counts:
+        """Take the lease (waiting while a live or killed updater holds it), then process batches until ``stop``.
+        Redis trouble, or no base to write to, waits and retries; the events stay pending meanwhile."""
+        lease = Lease(self.client, f"hlm:{self.index}:updater", owner=self.consumer, ttl_s=lease_s)
+        while not stop.is_set():
+            try:
+                lease.acquire()
+                break
+            except (LeaseHeld, StoreUnavailable) as e:
+                logger.warning("waiting for the updater lease: %s", e)
+                stop.wait(retry_s)
+        try:
+            while not stop.is_set():
+                try:
+                    if not lease.held():
+                        raise RuntimeError(f"lost the lease hlm:{self.index}:updater (a pause over {lease_s} s); "
+                                           "another updater may be running, so this one stops")
+                    self.ensure_group()
+                    if entries := self.read():
+                        self.process(entries)
+                except (redis.RedisError, StoreError) as e:
+                    self.counts.errors = (self.counts.errors + [f"{type(e).__name__}: {e}"])[-10:]
+                    logger.warning("updater %s: %s; retrying in %.1f s", self.consumer, e, retry_s)
+                    self._claim_from = "0-0"  # what this batch read is still pending: take it again, in order
+                    self.base = None if isinstance(e, StoreError) else self.base
+                    stop.wait(retry_s)
+        finally:
+            try:
+                lease.release()
+            except redis.RedisError as e:
+                logger.warning("could not release the updater lease (it expires by itself): %s", e)
+        return self.counts
