@@ -6,18 +6,19 @@
 Each row is one event: `op` (upsert | delete; missing = upsert), `ad_id`, `text` (upserts). Every row is checked
 by the rule the updater applies (`hlm.events.parse`) before anything is sent; a bad row is printed with its file,
 row and reason, nothing is sent, and the exit status is 2. The events go out in file order, in one pipeline.
+
+Writes one XADD per row to the Redis stream hlm:{index}:ad_events and prints how many it sent; no files.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from hlm.cli import command_name, command_notes, setup_logging
+from hlm.cli import command_parser, setup_logging
 from hlm.events import AdEventProducer, EventError, events_key
 from hlm.redis_client import redis_client
 
@@ -36,8 +37,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=command_name(), description=__doc__.splitlines()[0], epilog=command_notes(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__, __file__)
     parser.add_argument("--input", required=True, type=Path, help="Parquet file or JSON lines (.jsonl)")
     parser.add_argument("--index", default="ads", help="index name: the stream is hlm:{index}:ad_events")
     parser.add_argument("--redis-url", help="default $HLM_REDIS_URL, else redis://127.0.0.1:6379/0")

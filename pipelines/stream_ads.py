@@ -5,6 +5,9 @@
 
 Runs until SIGTERM/SIGINT. The actors are `embed.num_actors` teachers with `embed.num_cpus`/`embed.num_gpus` each
 (`profile: gpu` puts them on GPUs). The logic is `hlm.updater.StreamUpdater`; this file only wires Ray into it.
+
+Writes to Redis only: delta entries to hlm:{index}:v:{version}:delta (the version `current` names), malformed
+events to hlm:{index}:ad_events:dead with their reason; it logs each batch and prints its counts when stopped.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class PoolEncode:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = job_parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = job_parser(__doc__, __file__).parse_args(argv)
     cfg: StreamConfig = start_job("stream_ads", args, schema=StreamConfig)
     job = cfg.stream
     init_ray(cfg.embed.num_actors * cfg.embed.num_cpus + 1, log_to_driver=False)

@@ -30,17 +30,19 @@ from hlm.redis_client import redact
 logger = logging.getLogger(__name__)
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: unknown keys are an error (a typo never silently falls back to a default)."""
+
     model_config = ConfigDict(extra="forbid", use_enum_values=False)
 
 
-class Runtime(_Section):
+class Runtime(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto' = bfloat16 on CUDA, float32 on CPU")
 
 
-class ModelRef(_Section):
+class ModelRef(Section):
     """Which encoder to load: a folder saved by `Encoder.save`, an HF folder, or `teacher-default`/`student-default`."""
 
     model: str
@@ -52,7 +54,7 @@ class ModelRef(_Section):
         "(fp32 on CPU, bf16 with profile gpu). encode() returns float32 whatever it is")
 
 
-class EmbedJob(_Section):
+class EmbedJob(Section):
     """Ray Data batch inference of the teacher (or any encoder) over ads or queries."""
 
     batch_size: int = Field(64, gt=0, description="rows per encoder call")
@@ -62,7 +64,7 @@ class EmbedJob(_Section):
     rows_per_file: int = Field(50_000, gt=0, description="output rows per Parquet file (a hint)")
 
 
-class LoraSettings(_Section):
+class LoraSettings(Section):
     """Low-rank adapters for the teacher phase (peft): W + (alpha/r)·B·A on the target matrices, the rest frozen."""
 
     r: int = Field(16, gt=0, description="adapter rank (the paper's best teacher run: 256)")
@@ -73,7 +75,7 @@ class LoraSettings(_Section):
         "projections of BERT, Qwen3, Llama); MPNet needs them named, e.g. [q, v]")
 
 
-class TrainJob(_Section):
+class TrainJob(Section):
     """One phase of the HARNESS-LM recipe (`hlm.train`)."""
 
     phase: Phase = Field(
@@ -144,7 +146,7 @@ class TrainJob(_Section):
         return self
 
 
-class RefreshJob(_Section):
+class RefreshJob(Section):
     """The nightly index refresh (`hlm.refresh`): embed new and changed ads, drop deleted ones, gate, publish."""
 
     ads: str = Field("", description="Parquet file or folder of the current ad catalogue (required by the job)")
@@ -184,7 +186,7 @@ class RefreshJob(_Section):
         return self
 
 
-class TrainCluster(_Section):
+class TrainCluster(Section):
     """How `pipelines.train` runs on Ray Train: workers, devices, where runs and checkpoints live, retries."""
 
     num_workers: int = Field(1, gt=0, description="training workers (DDP ranks); each trains on its 1/n of the rows")
@@ -200,7 +202,7 @@ class TrainCluster(_Section):
     num_to_keep: int = Field(2, gt=0, description="checkpoints kept in storage (the newest is always kept)")
 
 
-class Config(_Section):
+class Config(Section):
     profile: Profile = Profile.cpu
     seed: int = 0
     runtime: Runtime = Runtime()

@@ -14,31 +14,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from hlm.config import Config, Phase, TrainJob
+from hlm.config import Config, Phase, Section, TrainJob
 
 TrainOverrides = dict[str, Any]  # keys of TrainJob; validated by RecipeConfig
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RecipeData(_Section):
+class RecipeData(Section):
     """Prepared splits (`pipelines.prepare`): folders holding ads.parquet, queries.parquet, labels.parquet."""
 
     train: str = Field(description="training split: its ads.parquet is the catalogue every model searches")
     dev: str = Field(description="held-out split the report is computed on (its queries.parquet, labels.parquet)")
 
 
-class PublishSettings(_Section):
+class PublishSettings(Section):
     redis_url: str | None = Field(None, description="None = $HLM_REDIS_URL, else redis://127.0.0.1:6379/0")
     index: str = Field("ads", description="index name in Redis (keys hlm:{index}:*)")
     factory: str = Field("Flat", description="FAISS index_factory string of the published index")
 
 
-class RecipeJob(_Section):
+class RecipeJob(Section):
     data: RecipeData
     out: str = Field("runs/recipe", description="root folder: one sub-folder per stage, the report in evaluate/")
     teacher: TrainOverrides | None = Field(

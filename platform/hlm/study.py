@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from hlm.config import AlignmentObjective, Config, Schedule, Width, _Section
+from hlm.config import AlignmentObjective, Config, Schedule, Section, Width
 from hlm.data import qrels_from_labels, read_embeddings, read_labels, read_queries
 from hlm.encoder import Encoder
 from hlm.evaluation import encoder_speed, retrieval_quality
@@ -35,7 +35,7 @@ from hlm.train import train_align
 logger = logging.getLogger(__name__)
 
 
-class StudySweep(_Section):
+class StudySweep(Section):
     """The axes of `pipelines.study`; the first value of each axis is the base point."""
 
     objectives: list[AlignmentObjective] = Field(list(AlignmentObjective), min_length=1)

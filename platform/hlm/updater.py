@@ -30,7 +30,7 @@ import numpy as np
 import redis
 from pydantic import Field
 
-from hlm.config import Config, _Section
+from hlm.config import Config, Section
 from hlm.deltas import DeltaEntry, DeltaLog, NotCurrent, newer, position
 from hlm.events import GROUP, MAX_TEXT_CHARS, AdEvent, dead_letter_key, events_key, parse
 from hlm.lease import Lease, LeaseHeld
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 Encode = Callable[[list[str]], np.ndarray]  # texts -> float32 (n, d), the teacher's `Encoder.encode` contract
 
 
-class StreamJob(_Section):
+class StreamJob(Section):
     """`pipelines.stream_ads`: the long-running updater of one index."""
 
     index: str = Field("ads", description="index name in Redis: keys hlm:{index}:*")
@@ -117,10 +117,9 @@ class StreamUpdater:
                 events.append(parsed)
         deletes = [DeltaEntry(e.id, e.op, e.ad_id, None, None, e.ts) for e in events if e.op == "delete"]
         written = self._write(deletes)  # the fast path: visible before the batch's upserts are embedded
+        upserts, vectors = self._embed_upserts([e for e in events if e.op == "upsert"], dead)
         self._dead_letter(dead)
-        upserts = [e for e in events if e.op == "upsert"]
         if upserts:
-            vectors = self._embed([e.text for e in upserts])  # (n, d)
             written += self._write([DeltaEntry(e.id, e.op, e.ad_id, v, self.space, e.ts)
                                     for e, v in zip(upserts, vectors, strict=True)])
         self.client.xack(self.key, GROUP, *[raw_id for raw_id, _ in entries])  # only now: the writes are in Redis
@@ -128,6 +127,31 @@ class StreamUpdater:
         c.events, c.upserts, c.deletes = c.events + len(entries), c.upserts + len(upserts), c.deletes + len(deletes)
         c.dead, c.written, c.batches = c.dead + len(dead), c.written + written, c.batches + 1
         return written
+
+    def _embed_upserts(self, upserts: list[AdEvent], dead: list[tuple[str, dict]]) -> tuple[list[AdEvent], np.ndarray]:
+        """The upserts the teacher embeds and their vectors (n, d). If the batch fails, each text is embedded alone
+        and one the teacher fails on goes to ``dead`` with the error, so one poison text cannot block the stream;
+        if every text fails alone too, the failure is the teacher's, not the events': it is raised and the events
+        stay pending."""
+        if not upserts:
+            return [], np.zeros((0, 0), np.float32)
+        try:
+            return upserts, self._embed([e.text for e in upserts])
+        except Exception as batch_error:  # noqa: BLE001 — any teacher failure; redis errors cannot come from here
+            kept, vectors, failed = [], [], []
+            for e in upserts:
+                try:
+                    vectors.append(self._embed([e.text])[0])
+                    kept.append(e)
+                except Exception as e_error:  # noqa: BLE001
+                    failed.append((e, f"the teacher failed on this text: {type(e_error).__name__}: {e_error}"))
+            if not kept:
+                raise batch_error
+            for e, reason in failed:
+                logger.warning("event %s to the dead-letter stream: %s", e.id, reason)
+                dead.append((e.id, {b"op": b"upsert", b"ad_id": e.ad_id.encode(), b"text": e.text.encode(),
+                                    b"ts": str(e.ts).encode(), b"event_id": e.id.encode(), b"reason": reason.encode()}))
+            return kept, np.stack(vectors)
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         started = time.perf_counter()
@@ -156,7 +180,7 @@ class StreamUpdater:
         """Dead letters keep their event id as entry id: ids at or below the stream's last are written already."""
         floor = self._last_id(self.dead_key)
         pipe = self.client.pipeline(transaction=True)
-        for event_id, fields in dead:
+        for event_id, fields in sorted(dead, key=lambda d: tuple(map(int, d[0].split("-")))):  # XADD needs ids rising
             if newer(event_id, floor):
                 pipe.xadd(self.dead_key, fields, id=event_id)
         pipe.execute()

@@ -84,6 +84,41 @@ def test_malformed_events_go_to_the_dead_letter_stream_with_reasons_and_the_stre
     assert store.client.xpending(key, "hlm-updater")["pending"] == 0
 
 
+def test_a_text_the_teacher_fails_on_goes_to_the_dead_letter_stream_and_the_rest_of_its_batch_is_applied(env):
+    store, producer = env
+    producer.send([{"op": "upsert", "ad_id": f"n{i}", "text": f"new {i}"} for i in range(3)]
+                  + [{"op": "upsert", "ad_id": "poison", "text": "crashes the teacher"}])
+
+    def fragile(texts: list[str]) -> np.ndarray:  # a teacher that fails on one text, as a batch and alone
+        if "crashes the teacher" in texts:
+            raise RuntimeError("tokenizer blew up")
+        return encode(texts)
+
+    u = StreamUpdater(store.client, store.name, fragile, SPACE, consumer="u1", batch_size=8, block_ms=10)
+    drain(u)
+    dead = store.client.xrange(dead_letter_key(store.name))
+    assert [(f[b"ad_id"], f[b"reason"].decode()) for _, f in dead] == [
+        (b"poison", "the teacher failed on this text: RuntimeError: tokenizer blew up")]
+    log = DeltaLog(store.client, store.name).read("v1")
+    assert sorted(e.ad_id for e in log) == ["n0", "n1", "n2"]
+    assert store.client.xpending(events_key(store.name), "hlm-updater")["pending"] == 0
+
+
+def test_a_teacher_that_fails_on_every_text_leaves_the_events_pending(env):
+    store, producer = env
+    producer.send([{"op": "upsert", "ad_id": f"n{i}", "text": f"new {i}"} for i in range(3)])
+
+    def down(texts: list[str]) -> np.ndarray:
+        raise RuntimeError("the actor pool is gone")
+
+    u = StreamUpdater(store.client, store.name, down, SPACE, consumer="u1", batch_size=8, block_ms=10)
+    u.ensure_group()
+    with pytest.raises(RuntimeError, match="actor pool"):
+        u.process(u.read())
+    assert store.client.xlen(dead_letter_key(store.name)) == 0
+    assert store.client.xpending(events_key(store.name), "hlm-updater")["pending"] == 3
+
+
 def test_a_batch_written_but_not_acked_is_replayed_by_the_next_updater_without_duplicates(env, monkeypatch) -> None:
     store, producer = env
     ids = producer.send([{"op": "upsert", "ad_id": f"n{i}", "text": f"new {i}"} for i in range(5)]
