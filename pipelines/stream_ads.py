@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     job = cfg.stream
     init_ray(cfg.embed.num_actors * cfg.embed.num_cpus + 1, log_to_driver=False)
     updater = StreamUpdater(redis_client(job.redis_url), job.index, PoolEncode(cfg), space_of(cfg.teacher),
-                            consumer=job.consumer, batch_size=job.batch_size, block_ms=job.block_ms,
-                            max_text_chars=job.max_text_chars)
+                            consumer=job.consumer, batch_size=job.batch_size, read_ahead=job.read_ahead,
+                            block_ms=job.block_ms, max_text_chars=job.max_text_chars)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

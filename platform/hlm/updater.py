@@ -5,12 +5,15 @@ comes from the encoder it is given (`pipelines.stream_ads` passes a Ray actor po
 the consumer group ``hlm-updater`` in micro-batches, oldest first:
 
 1. every pending entry first (XAUTOCLAIM from ``0-0``, no idle time: the lease says their consumer is dead, or is
-   this one after a Redis error), then new entries (XREADGROUP ``>``);
-2. deletes need no teacher: they are appended to the delta log of the version ``current`` names at once (one
-   Lua script that checks ``current`` and skips event ids the log holds already, or the base includes: a
-   replayed event writes nothing), and malformed entries go to the dead-letter stream with their reason;
-3. upserts are embedded in one call of ``encode(texts) -> float32 (n, d)`` and appended the same way;
-4. XACK, only after both appends: a crash before it leaves the events pending for the next updater.
+   this one after a Redis error), then new entries (XREADGROUP ``>``), up to ``read_ahead`` micro-batches at a time;
+2. deletes need no teacher: they are appended to the delta log of the version ``current`` names as soon as they are
+   read (one Lua script that checks ``current`` and skips event ids the log holds already, or the base includes:
+   a replayed event writes nothing) and acknowledged; malformed entries go to the dead-letter stream with their
+   reason. Upserts wait in a queue: a delete never waits behind the embedding of upserts read before it, which is
+   safe because replicas order entries per ad by event id;
+3. one micro-batch of queued upserts is embedded in one call of ``encode(texts) -> float32 (n, d)``, appended the
+   same way and acknowledged; then the loop reads again (without blocking while upserts wait);
+4. XACK, only after the append: a crash before it leaves the events pending for the next updater.
 
 When ``current`` moves to a new base, the tail of the old base's log after the new base's stream position is copied
 into the new base's log (the vectors are reused), so nothing the refresh did not fold in is lost.
@@ -45,7 +48,11 @@ class StreamJob(Section):
 
     index: str = Field("ads", description="index name in Redis: keys hlm:{index}:*")
     redis_url: str | None = Field(None, description="None = $HLM_REDIS_URL, else redis://127.0.0.1:6379/0")
-    batch_size: int = Field(64, gt=0, description="events per micro-batch (the most one teacher call embeds)")
+    batch_size: int = Field(64, gt=0, description="upserts per micro-batch (the most one teacher call embeds); "
+                            "smaller batches make deletes visible sooner while the teacher is busy")
+    read_ahead: int = Field(64, gt=0, description="micro-batches read ahead: their deletes are applied before "
+                            "the upserts queued ahead of them are embedded (the queue holds at most batch_size × "
+                            "read_ahead texts)")
     block_ms: int = Field(50, gt=0, description="how long one read waits for new events")
     max_text_chars: int = Field(MAX_TEXT_CHARS, gt=0, description="longer upsert texts go to the dead-letter stream")
     lease_s: float = Field(10.0, gt=0, description="TTL of the updater's lease: how long a killed updater blocks "
@@ -71,10 +78,13 @@ class Counts:
 
 class StreamUpdater:
     def __init__(self, client: redis.Redis, index: str, encode: Encode, space: str, *, consumer: str = "",
-                 batch_size: int = 64, block_ms: int = 50, max_text_chars: int = MAX_TEXT_CHARS) -> None:
+                 batch_size: int = 64, read_ahead: int = 64, block_ms: int = 50,
+                 max_text_chars: int = MAX_TEXT_CHARS) -> None:
         self.client, self.index, self.encode, self.space = client, index, encode, space
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.batch_size, self.block_ms, self.max_text_chars = batch_size, block_ms, max_text_chars
+        self.read_count = batch_size * read_ahead
+        self.queued: dict[str, AdEvent] = {}  # upserts read (pending in the group), not yet embedded; in stream order
         self.store, self.log = IndexStore(client, index), DeltaLog(client, index)
         self.key, self.dead_key = events_key(index), dead_letter_key(index)
         self.base: str | None = None  # the version whose log this updater writes
@@ -90,42 +100,66 @@ class StreamUpdater:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    def read(self) -> list[tuple[bytes, dict]]:
+    def read(self, *, block: bool = True) -> list[tuple[bytes, dict]]:
+        """The next entries for this consumer: pending ones first, then new ones (waiting ``block_ms`` if ``block``)."""
         if self._claim_from is not None:
             cursor, claimed, *_ = self.client.xautoclaim(self.key, GROUP, self.consumer, min_idle_time=0,
-                                                         start_id=self._claim_from, count=self.batch_size)
+                                                         start_id=self._claim_from, count=self.read_count)
             cursor = cursor.decode() if isinstance(cursor, bytes) else cursor
             self._claim_from = None if cursor == "0-0" else cursor
             if claimed:
                 return claimed
-        reply = self.client.xreadgroup(GROUP, self.consumer, {self.key: ">"}, count=self.batch_size,
-                                       block=self.block_ms)
+        reply = self.client.xreadgroup(GROUP, self.consumer, {self.key: ">"}, count=self.read_count,
+                                       block=self.block_ms if block else None)
         return reply[0][1] if reply else []
 
     # ------------------------------------------------------------------------------------------ one batch
     def process(self, entries: list[tuple[bytes, dict]]) -> int:
-        """Validate, write deletes and dead letters (no teacher), embed and write upserts, then ack one micro-batch;
+        """Take ``entries`` (deletes and dead letters written and acked now), then embed every queued upsert;
         returns the delta entries written."""
-        events: list[AdEvent] = []
+        written = self.take(entries)
+        while self.queued:
+            written += self.embed_next()
+        return written
+
+    def take(self, entries: list[tuple[bytes, dict]]) -> int:
+        """Validate ``entries``: write and ack their deletes and dead letters (no teacher), queue their upserts.
+        Returns the delta entries written."""
+        deletes: list[DeltaEntry] = []
         dead: list[tuple[str, dict]] = []
         for raw_id, fields in entries:
             parsed = parse(raw_id.decode(), fields, max_text_chars=self.max_text_chars)
             if isinstance(parsed, str):
                 dead.append((raw_id.decode(), {**fields, b"event_id": raw_id, b"reason": parsed.encode()}))
                 logger.warning("event %s to the dead-letter stream: %s", raw_id.decode(), parsed)
+            elif parsed.op == "delete":
+                deletes.append(DeltaEntry(parsed.id, parsed.op, parsed.ad_id, None, None, parsed.ts))
             else:
-                events.append(parsed)
-        deletes = [DeltaEntry(e.id, e.op, e.ad_id, None, None, e.ts) for e in events if e.op == "delete"]
-        written = self._write(deletes)  # the fast path: visible before the batch's upserts are embedded
-        upserts, vectors = self._embed_upserts([e for e in events if e.op == "upsert"], dead)
+                self.queued[parsed.id] = parsed  # a pending entry claimed again replaces itself
+        written = self._write(deletes)
         self._dead_letter(dead)
-        if upserts:
-            written += self._write([DeltaEntry(e.id, e.op, e.ad_id, v, self.space, e.ts)
-                                    for e, v in zip(upserts, vectors, strict=True)])
-        self.client.xack(self.key, GROUP, *[raw_id for raw_id, _ in entries])  # only now: the writes are in Redis
+        done = [d.event_id for d in deletes] + [event_id for event_id, _ in dead]
+        if done:
+            self.client.xack(self.key, GROUP, *done)  # only now: the writes are in Redis
         c = self.counts
-        c.events, c.upserts, c.deletes = c.events + len(entries), c.upserts + len(upserts), c.deletes + len(deletes)
-        c.dead, c.written, c.batches = c.dead + len(dead), c.written + written, c.batches + 1
+        c.events, c.deletes, c.dead = c.events + len(entries), c.deletes + len(deletes), c.dead + len(dead)
+        c.written += written
+        return written
+
+    def embed_next(self) -> int:
+        """Embed, write and ack the oldest micro-batch of queued upserts; returns the delta entries written."""
+        batch = list(self.queued.values())[:self.batch_size]
+        dead: list[tuple[str, dict]] = []
+        upserts, vectors = self._embed_upserts(batch, dead)
+        written = self._write([DeltaEntry(e.id, e.op, e.ad_id, v, self.space, e.ts)
+                               for e, v in zip(upserts, vectors, strict=True)]) if upserts else 0
+        self._dead_letter(dead)
+        self.client.xack(self.key, GROUP, *[e.id for e in batch])  # only now: the writes are in Redis
+        for e in batch:
+            del self.queued[e.id]
+        c = self.counts
+        c.upserts, c.dead, c.written, c.batches = c.upserts + len(upserts), c.dead + len(dead), c.written + written, \
+            c.batches + 1
         return written
 
     def _embed_upserts(self, upserts: list[AdEvent], dead: list[tuple[str, dict]]) -> tuple[list[AdEvent], np.ndarray]:
@@ -177,12 +211,16 @@ class StreamUpdater:
         return 0
 
     def _dead_letter(self, dead: list[tuple[str, dict]]) -> None:
-        """Dead letters keep their event id as entry id: ids at or below the stream's last are written already."""
+        """Dead letters keep their event id as entry id, so a replayed one is not written twice. A text the teacher
+        failed on is dead-lettered after later events were: below the stream's last id it gets a new entry id
+        (its ``event_id`` field names the event), once unless the updater died between that write and its ack."""
         floor = self._last_id(self.dead_key)
         pipe = self.client.pipeline(transaction=True)
         for event_id, fields in sorted(dead, key=lambda d: tuple(map(int, d[0].split("-")))):  # XADD needs ids rising
             if newer(event_id, floor):
                 pipe.xadd(self.dead_key, fields, id=event_id)
+            elif not self.client.xrange(self.dead_key, event_id, event_id):
+                pipe.xadd(self.dead_key, fields)
         pipe.execute()
 
     def _adopt(self, base: str) -> None:
@@ -226,12 +264,15 @@ class StreamUpdater:
                         raise RuntimeError(f"lost the lease hlm:{self.index}:updater (a pause over {lease_s} s); "
                                            "another updater may be running, so this one stops")
                     self.ensure_group()
-                    if entries := self.read():
-                        self.process(entries)
+                    if entries := self.read(block=not self.queued) if len(self.queued) < self.read_count else []:
+                        self.take(entries)
+                    if self.queued:
+                        self.embed_next()
                 except (redis.RedisError, StoreError) as e:
                     self.counts.errors = (self.counts.errors + [f"{type(e).__name__}: {e}"])[-10:]
                     logger.warning("updater %s: %s; retrying in %.1f s", self.consumer, e, retry_s)
-                    self._claim_from = "0-0"  # what this batch read is still pending: take it again, in order
+                    self._claim_from = "0-0"  # what was read and not acked is still pending: take it again, in order
+                    self.queued.clear()
                     self.base = None if isinstance(e, StoreError) else self.base
                     stop.wait(retry_s)
         finally:

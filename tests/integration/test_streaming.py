@@ -84,6 +84,23 @@ def test_malformed_events_go_to_the_dead_letter_stream_with_reasons_and_the_stre
     assert store.client.xpending(key, "hlm-updater")["pending"] == 0
 
 
+def test_a_delete_read_while_upserts_wait_for_the_teacher_is_written_before_they_are_embedded(env) -> None:
+    store, producer = env
+    producer.send([{"op": "upsert", "ad_id": f"n{i}", "text": f"new {i}"} for i in range(3)])
+    u = updater(store)
+    u.ensure_group()
+    u.take(u.read())  # the upserts wait in the queue, unacked
+    producer.delete("ad-5")
+    u.take(u.read(block=False))
+    log = DeltaLog(store.client, store.name)
+    assert [(e.op, e.ad_id) for e in log.read("v1")] == [("delete", "ad-5")]
+    assert store.client.xpending(events_key(store.name), "hlm-updater")["pending"] == 3
+    u.embed_next()
+    assert [(e.op, e.ad_id) for e in log.read("v1")] == [("delete", "ad-5"), ("upsert", "n0"), ("upsert", "n1"),
+                                                        ("upsert", "n2")]
+    assert store.client.xpending(events_key(store.name), "hlm-updater")["pending"] == 0
+
+
 def test_a_text_the_teacher_fails_on_goes_to_the_dead_letter_stream_and_the_rest_of_its_batch_is_applied(env):
     store, producer = env
     producer.send([{"op": "upsert", "ad_id": f"n{i}", "text": f"new {i}"} for i in range(3)]
@@ -123,20 +140,22 @@ def test_a_batch_written_but_not_acked_is_replayed_by_the_next_updater_without_d
     store, producer = env
     ids = producer.send([{"op": "upsert", "ad_id": f"n{i}", "text": f"new {i}"} for i in range(5)]
                         + [{"op": "delete", "ad_id": "ad-1"}])
-    # Given an updater that dies after its delta write and before its XACK
+    # Given an updater that dies after writing its upserts and before their XACK (its delete was written and acked)
     first = updater(store, "dies")
     first.ensure_group()
+    first.take(first.read())
     monkeypatch.setattr(first.client, "xack", lambda *a: (_ for _ in ()).throw(SystemExit("killed")))
     with pytest.raises(SystemExit):
-        first.process(first.read())
+        first.embed_next()
     monkeypatch.undo()
+    assert store.client.xpending(events_key(store.name), "hlm-updater")["pending"] == 5
     # When the next updater starts: it claims the dead one's pending events first
     second = updater(store, "next")
     drain(second)
     # Then each event is in the log exactly once, and nothing is pending
     log = DeltaLog(store.client, store.name).read("v1")
     assert sorted(e.event_id for e in log) == sorted(ids) and len(log) == len(ids)
-    assert second.counts.events == 6 and second.counts.written == 0
+    assert second.counts.events == 5 and second.counts.written == 0
     assert store.client.xpending(events_key(store.name), "hlm-updater")["pending"] == 0
 
 
