@@ -34,3 +34,9 @@ def test_code_passes_the_style_gate():
     done = subprocess.run([str(ruff), "check", "platform", "pipelines", "serving", "tests", "bench"], cwd=REPO,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
+
+
+def test_the_readme_lists_every_hlm_module():
+    readme = (REPO / "README.md").read_text()
+    modules = sorted(p.stem for p in (REPO / "platform/hlm").glob("*.py") if p.stem != "__init__")
+    assert [m for m in modules if f"| `{m}` |" not in readme] == []
