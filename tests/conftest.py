@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,6 +51,47 @@ def assert_valid_serve_config(config: dict) -> None:
         module, attr = app["import_path"].split(":")
         assert callable(getattr(importlib.import_module(module), attr))
         AppArgs.model_validate(app["args"])
+
+
+def shipped_persistence() -> list[str]:
+    """The persistence lines of the production redis.conf (infra/kuberay/redis.yaml), as redis-server options."""
+    docs = yaml.safe_load_all((REPO / "infra/kuberay/redis.yaml").read_text())
+    conf = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["redis.conf"]
+    lines = [line.split() for line in conf.splitlines() if line.split()[:1] in (["appendonly"], ["appendfsync"])]
+    assert len(lines) == 2, f"expected appendonly and appendfsync in the shipped redis.conf, got {lines}"
+    return [arg for name, value in lines for arg in (f"--{name}", value)]
+
+
+class DurableRedis:
+    """A redis-server with the shipped persistence that a test may SIGKILL and start again on the same folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port, self.pid = folder, free_port(), 0
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        out = subprocess.run([str(REPO / "infra/redis/start.sh"), str(self.port), str(self.folder),
+                              *shipped_persistence()], check=True, capture_output=True, text=True)
+        self.pid = int(out.stdout.strip())
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"redis-server {self.pid} survived SIGKILL")
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[DurableRedis]:
+    server = DurableRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    subprocess.run(["kill", str(server.pid)], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,9 @@ the consumer group ``hlm-updater`` in micro-batches, oldest first:
    a replayed event writes nothing) and acknowledged; malformed entries go to the dead-letter stream with their
    reason. Upserts wait in a queue: a delete never waits behind the embedding of upserts read before it, which is
    safe because replicas order entries per ad by event id;
-3. one micro-batch of queued upserts is embedded in one call of ``encode(texts) -> float32 (n, d)``, appended the
-   same way and acknowledged; then the loop reads again (without blocking while upserts wait);
+3. one micro-batch of queued upserts is embedded in one call of ``encode(texts) -> float32 (n, d)`` on a background
+   thread while the loop goes on reading (so a delete never waits for the teacher either), then appended the same
+   way and acknowledged;
 4. XACK, only after the append: a crash before it leaves the events pending for the next updater.
 
 When ``current`` moves to a new base, the tail of the old base's log after the new base's stream position is copied
@@ -27,6 +28,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -148,15 +150,21 @@ class StreamUpdater:
 
     def embed_next(self) -> int:
         """Embed, write and ack the oldest micro-batch of queued upserts; returns the delta entries written."""
-        batch = list(self.queued.values())[:self.batch_size]
-        dead: list[tuple[str, dict]] = []
-        upserts, vectors = self._embed_upserts(batch, dead)
+        batch, dead = self._next_batch(), []
+        return self._apply(batch, dead, *self._embed_upserts(batch, dead))
+
+    def _next_batch(self) -> list[AdEvent]:
+        return list(self.queued.values())[:self.batch_size]
+
+    def _apply(self, batch: list[AdEvent], dead: list[tuple[str, dict]], upserts: list[AdEvent],
+               vectors: np.ndarray) -> int:
+        """Write the embedded ``upserts`` of ``batch`` and its ``dead`` letters, then ack and dequeue the batch."""
         written = self._write([DeltaEntry(e.id, e.op, e.ad_id, v, self.space, e.ts)
                                for e, v in zip(upserts, vectors, strict=True)]) if upserts else 0
         self._dead_letter(dead)
         self.client.xack(self.key, GROUP, *[e.id for e in batch])  # only now: the writes are in Redis
         for e in batch:
-            del self.queued[e.id]
+            self.queued.pop(e.id, None)
         c = self.counts
         c.upserts, c.dead, c.written, c.batches = c.upserts + len(upserts), c.dead + len(dead), c.written + written, \
             c.batches + 1
@@ -257,6 +265,8 @@ class StreamUpdater:
             except (LeaseHeld, StoreUnavailable) as e:
                 logger.warning("waiting for the updater lease: %s", e)
                 stop.wait(retry_s)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="hlm-embed")
+        embedding: tuple[list[AdEvent], list[tuple[str, dict]], Future] | None = None  # the batch the teacher has
         try:
             while not stop.is_set():
                 try:
@@ -264,18 +274,27 @@ class StreamUpdater:
                         raise RuntimeError(f"lost the lease hlm:{self.index}:updater (a pause over {lease_s} s); "
                                            "another updater may be running, so this one stops")
                     self.ensure_group()
-                    if entries := self.read(block=not self.queued) if len(self.queued) < self.read_count else []:
-                        self.take(entries)
-                    if self.queued:
-                        self.embed_next()
+                    if len(self.queued) < self.read_count:
+                        if entries := self.read():  # waits block_ms at most: the teacher works meanwhile
+                            self.take(entries)
+                    elif embedding is not None:
+                        wait([embedding[2]], timeout=self.block_ms / 1000)
+                    if embedding is not None and embedding[2].done():
+                        (batch, dead, future), embedding = embedding, None
+                        self._apply(batch, dead, *future.result())
+                    if embedding is None and self.queued:
+                        batch, dead = self._next_batch(), []
+                        embedding = batch, dead, pool.submit(self._embed_upserts, batch, dead)
                 except (redis.RedisError, StoreError) as e:
                     self.counts.errors = (self.counts.errors + [f"{type(e).__name__}: {e}"])[-10:]
                     logger.warning("updater %s: %s; retrying in %.1f s", self.consumer, e, retry_s)
                     self._claim_from = "0-0"  # what was read and not acked is still pending: take it again, in order
                     self.queued.clear()
+                    embedding = None  # its result is dropped: its events are pending and will be read again
                     self.base = None if isinstance(e, StoreError) else self.base
                     stop.wait(retry_s)
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)
             try:
                 lease.release()
             except redis.RedisError as e:

@@ -21,9 +21,11 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from hlm.encoder import Encoder
+from hlm.events import AdEventProducer
 from hlm.index import AdIndex
 from hlm.redis_client import redis_client
 from hlm.store import IndexStore
+from hlm.updater import StreamUpdater
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -200,6 +202,31 @@ def test_index_status_reports_version_space_and_count(app_url, encoder):
     status = requests.get(f"{app_url}/v1/index", timeout=30).json()
     assert status["space"] == encoder.space and status["count"] == len(ADS) and status["version"]
     assert requests.get(f"{app_url}/v1/healthz", timeout=30).json()["ok"] is True
+
+
+def test_a_streamed_delete_and_upsert_reach_the_endpoint_and_index_status_reports_the_delta(app_url, own_redis,
+                                                                                            encoder):
+    version = publish(own_redis["url"], encoder, ADS, "st")  # a base of its own: later versions have empty logs
+    wait_for_version(app_url, "st", version=version)
+    client, everything = redis_client(own_redis["url"]), len(ADS) + 1
+
+    def ids(query: str) -> list[str]:
+        return [a["ad_id"] for a in search(app_url, query, k=everything).json()["ads"]]
+
+    gone = ids(QUERIES[0])[0]
+    sent = AdEventProducer(client, "ads").send([{"op": "delete", "ad_id": gone},
+                                                {"op": "upsert", "ad_id": "fresh", "text": QUERIES[1]}])
+    updater = StreamUpdater(client, "ads", lambda t: encoder.encode(t, kind="ad"), encoder.space, consumer="t")
+    updater.ensure_group()
+    updater.process(updater.read())
+    deadline = time.monotonic() + 20
+    while gone in ids(QUERIES[0]) or "fresh" not in ids(QUERIES[1]):
+        assert time.monotonic() < deadline, "the streamed events never reached the endpoint"
+        time.sleep(0.1)
+    status = requests.get(f"{app_url}/v1/index", timeout=30).json()
+    assert status["version"] == version and status["delta"]["upserts"] == 1
+    assert status["delta"]["last_applied_event"] == sent[-1] and status["delta"]["refused"] == 0
+    assert status["stream_lag"]["pending"] == 0 and status["stream_lag"]["undelivered"] == 0
 
 
 @pytest.mark.reliability

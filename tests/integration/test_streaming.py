@@ -101,6 +101,41 @@ def test_a_delete_read_while_upserts_wait_for_the_teacher_is_written_before_they
     assert store.client.xpending(events_key(store.name), "hlm-updater")["pending"] == 0
 
 
+def test_a_delete_sent_while_the_teacher_embeds_is_written_before_the_teacher_returns(env) -> None:
+    store, producer = env
+    busy, release = threading.Event(), threading.Event()
+
+    def slow_teacher(texts: list[str]) -> np.ndarray:
+        busy.set()
+        assert release.wait(20), "the test never released the teacher"
+        return encode(texts)
+
+    u = StreamUpdater(store.client, store.name, slow_teacher, SPACE, consumer="u1", batch_size=8, block_ms=10)
+    stop, log = threading.Event(), DeltaLog(store.client, store.name)
+    t = threading.Thread(target=u.run, args=(stop,), kwargs={"lease_s": 5, "retry_s": 0.1})
+    producer.send([{"op": "upsert", "ad_id": "n0", "text": "new 0"}])
+    t.start()
+    try:
+        assert busy.wait(10)
+        producer.delete("ad-5")  # while the teacher holds the upsert
+        for _ in range(200):
+            if log.read("v1"):
+                break
+            stop.wait(0.02)
+        assert [(e.op, e.ad_id) for e in log.read("v1")] == [("delete", "ad-5")]
+        release.set()
+        for _ in range(200):
+            if len(log.read("v1")) == 2:
+                break
+            stop.wait(0.02)
+        assert [(e.op, e.ad_id) for e in log.read("v1")] == [("delete", "ad-5"), ("upsert", "n0")]
+    finally:
+        release.set()
+        stop.set()
+        t.join()
+    assert store.client.xpending(events_key(store.name), "hlm-updater")["pending"] == 0
+
+
 def test_a_text_the_teacher_fails_on_goes_to_the_dead_letter_stream_and_the_rest_of_its_batch_is_applied(env):
     store, producer = env
     producer.send([{"op": "upsert", "ad_id": f"n{i}", "text": f"new {i}"} for i in range(3)]
