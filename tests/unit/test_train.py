@@ -19,9 +19,10 @@ from hlm.checkpoint import load_checkpoint
 from hlm.config import ConfigError, LoraSettings, TrainJob, load_config
 from hlm.encoder import Encoder
 from hlm.losses import AlignmentObjective, ContrastiveObjective, info_nce
+from hlm.schedule import lr_at
 from hlm.space import truncated_space
 from hlm.tiny import WORDS, tiny_encoder
-from hlm.train import lr_at, prepare_student, train_align, train_refine, train_teacher
+from hlm.train import prepare_student, train_align, train_refine, train_teacher
 
 QUERIES = [f"{a} {b}" for a, b in itertools.permutations(WORDS, 2)][:48]
 ADS = [f"{q} for sale, best {q} deals {i}" for i, q in enumerate(QUERIES)]
