@@ -1,5 +1,6 @@
-"""The recipe job on a real local Ray with tiny models: a full run, a rerun that skips every stage, a changed align
-setting that reruns only align and what follows, and a run killed mid-stage that resumes its Ray Train run.
+"""The recipe job on a real local Ray with tiny models: a full run, a rerun that skips every stage, then a changed
+align setting whose run is killed mid-align: the rerun resumes align's Ray Train run from its last checkpoint and
+reruns only align and what follows.
 
 Fixture: the built-in catalogue split (45 train / 15 dev queries, 120 ads), the tiny 48-d teacher and the session's
 tiny 2-layer 32-d student; depths [2, 1], a few steps per phase.
@@ -92,35 +93,42 @@ def test_a_rerun_skips_every_stage_and_changes_nothing(finished, capsys):
     assert {p: p.stat().st_mtime_ns for p in finished["out"].rglob("model.safetensors")} == before
 
 
-def test_a_changed_align_setting_reruns_only_align_and_what_follows(finished, capsys):
-    capsys.readouterr()
-    assert main(["--config", str(finished["config"]), "--set", "recipe.align.lr=1e-3"]) == 0
-    status = statuses(capsys.readouterr().out)
-    ran = {stage for stage, s in status.items() if s == "ran"}
-    assert ran == {"align", "prune", "refine-L2", "refine-L1", "evaluate"}
-    assert status["teacher"] == status["direct-L1"] == status["paper-L1"] == "skipped"
-
-
-def test_a_run_killed_mid_stage_resumes_from_its_last_checkpoint(ray_cluster, catalog_split, tiny_bert_dir, tmp_path):
-    # Given a recipe without baselines whose align stage checkpoints every 2 of its 60 steps
-    align = {"max_steps": 60, "batch_size": 8, "lr": 3e-3, "checkpoint_every": 2}
-    config = recipe_config(tmp_path, catalog_split, tiny_bert_dir, depths=[2], teacher=None, align=align,
-                           direct_baseline=None, paper_baseline=None, int8=False)
-    cmd = [sys.executable, "-m", "pipelines.recipe", "--config", str(config)]
+@pytest.fixture(scope="module")
+def killed_then_rerun(finished, ray_cluster) -> dict:
+    """The finished run's align changed to 60 steps with a checkpoint every 2, killed (SIGKILL of the job's process
+    group) once align has reported a checkpoint, then run again to the end: what the rerun printed and wrote."""
+    changed = ["--set", "recipe.align.max_steps=60", "--set", "recipe.align.checkpoint_every=2"]
+    cmd = [sys.executable, "-m", "pipelines.recipe", "--config", str(finished["config"]), *changed]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
-    # When the job is killed once align has reported a checkpoint
+    out, started = finished["out"], time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    results, deadline = tmp_path / "out" / "ray_results", time.monotonic() + 300
-    while not list(results.glob("align-*/checkpoint_*")) and proc.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 300
+
+    def checkpointed() -> bool:
+        return any(p.stat().st_mtime > started for p in (out / "ray_results").glob("align-*/checkpoint_*"))
+
+    while not checkpointed() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "out" / "align").exists()
-    # Then the rerun skips the finished stages and resumes align past step 0 instead of starting over
+    align_after_kill = json.loads((out / "align" / "metrics.json").read_text())["steps"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    status = statuses(done.stdout)
-    assert status["ads"] == status["queries"] == "skipped" and status["align"] == "ran"
-    metrics = json.loads((tmp_path / "out" / "align" / "metrics.json").read_text())
-    assert metrics["start_step"] > 0 and metrics["steps"] == 60
+    return {"killed_while_checkpointed": checkpointed(), "align_steps_after_kill": align_after_kill,
+            "status": statuses(done.stdout), "align": json.loads((out / "align" / "metrics.json").read_text())}
+
+
+def test_a_changed_align_setting_reruns_only_align_and_what_follows(killed_then_rerun):
+    status = killed_then_rerun["status"]
+    ran = {stage for stage, s in status.items() if s == "ran"}
+    assert ran == {"align", "prune", "refine-L2", "refine-L1", "evaluate"}
+    assert status["teacher"] == status["ads"] == status["direct-L1"] == status["paper-L1"] == "skipped"
+
+
+def test_a_run_killed_mid_stage_resumes_from_its_last_checkpoint(killed_then_rerun):
+    # Given the killed run had reported a checkpoint of the changed align but not finished it
+    assert killed_then_rerun["killed_while_checkpointed"]
+    assert killed_then_rerun["align_steps_after_kill"] == 4  # the finished run's align folder was still in place
+    # Then the rerun resumed align past step 0 instead of starting over, and finished it
+    assert killed_then_rerun["align"]["start_step"] > 0 and killed_then_rerun["align"]["steps"] == 60
