@@ -1,22 +1,31 @@
 """Streaming ad updates: event → visible latency under search load, search with pending deltas, updater throughput.
 
-In one process, against a private redis-server: a `StreamUpdater` thread (the teacher in-process, as one actor of
-`pipelines.stream_ads` runs it), a `LiveIndex` with its follower thread, 8 threads searching it (vectors, no query
-encoder: the student's cost is `bench/encoder.py`'s), and a producer at a steady rate alternating deletes of base
-ads and upserts of new ads. An event is visible at the first search, by a probe thread, that reflects it: a deleted
+Against a private redis-server: a `StreamUpdater` in a process of its own (the teacher in-process, as
+`pipelines.stream_ads` runs it: the updater is a job apart from the replicas, so it must not share their GIL), and
+in this process a `LiveIndex` with its follower thread, 8 threads searching it (vectors, no query encoder: the
+student's cost is `bench/encoder.py`'s), and a producer at a steady rate alternating deletes of base ads and
+upserts of new ads. An event is visible at the first search, by a probe thread, that reflects it: a deleted
 ad gone from the top 10 of its own vector, an upserted ad first for its text's teacher vector (computed before).
 The base is random unit vectors in the teacher's space: the content of the base does not change these timings.
+
+Visibility runs twice: with every process on every core, and isolated (the updater on one core, the replica,
+its searchers and the probe on another), as a cluster gives the updater job CPUs of its own (`pipelines.stream_ads`
+reserves them; a KubeRay pod has its own CPU limit). On 2 cores, 8 searchers that never pause otherwise take the
+teacher's CPU too.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
+import os
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bench.common import local_redis, ms_percentiles, write_result
 from hlm.config import ModelRef
@@ -39,9 +48,25 @@ def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def visibility(client, teacher: Encoder, base_ids: list[str], base: np.ndarray, *, rate: float, seconds: float,
-               clients: int = 8) -> dict:
-    store = IndexStore(client, "bench-stream")
+def updater_process(url: str, index: str, model: str, threads: int, cores: set[int] | None, stop) -> None:
+    """The updater as its own process runs it: teacher loaded here, ``threads`` torch threads, on ``cores`` (None:
+    any), until ``stop``."""
+    if cores:
+        os.sched_setaffinity(0, cores)  # before torch starts its threads, which inherit it
+    torch.set_num_threads(threads)
+    teacher = Encoder.load(ModelRef(model=model))
+    StreamUpdater(redis_client(url), index, lambda t: teacher.encode(t, kind="ad"), teacher.space, batch_size=16,
+                  block_ms=20).run(stop, lease_s=30)
+
+
+def visibility(url: str, teacher: Encoder, model: str, base_ids: list[str], base: np.ndarray, *, rate: float,
+               seconds: float, clients: int = 8, isolate: bool = False) -> dict:
+    client = redis_client(url)
+    store = IndexStore(client, f"bench-stream{'-isolated' if isolate else ''}")
+    affinity = os.sched_getaffinity(0)
+    first, second = sorted(affinity)[:2] if isolate else (None, None)
+    if isolate:  # this thread's affinity, inherited by the follower, searcher and probe threads started below
+        os.sched_setaffinity(0, {first})
     store.publish(AdIndex.build(base_ids, base, teacher.space), version="v1")
     n_events = int(rate * seconds)
     texts = [f"streamed ad {i}: cordless drill with {i % 7} batteries and case" for i in range(n_events // 2 + 1)]
@@ -49,10 +74,12 @@ def visibility(client, teacher: Encoder, base_ids: list[str], base: np.ndarray, 
     live = LiveIndex(store, teacher.space, poll_s=1.0)
     live.refresh()
     live.start()
-    stop = threading.Event()
-    updater = StreamUpdater(client, store.name, lambda t: teacher.encode(t, kind="ad"), teacher.space,
-                            batch_size=16, block_ms=20)
-    threads = [threading.Thread(target=updater.run, args=(stop,), kwargs={"lease_s": 30})]
+    spawn = mp.get_context("spawn")
+    stop, updater_stop = threading.Event(), spawn.Event()
+    updater = spawn.Process(target=updater_process, name="hlm-updater", args=(
+        url, store.name, model, torch.get_num_threads(), {second} if isolate else None, updater_stop))
+    updater.start()
+    threads: list[threading.Thread] = []
     searches = [0] * clients
 
     def search_load(i: int) -> None:
@@ -87,7 +114,11 @@ def visibility(client, teacher: Encoder, base_ids: list[str], base: np.ndarray, 
     threads.append(threading.Thread(target=probe))
     for t in threads:
         t.start()
-    time.sleep(2)  # the updater takes its lease and creates its group
+    StreamUpdater(client, store.name, teacher.encode, teacher.space).ensure_group()
+    while not client.exists(f"hlm:{store.name}:updater"):  # the updater loaded its teacher and took its lease
+        if not updater.is_alive():
+            raise RuntimeError(f"the updater process exited with {updater.exitcode} before taking its lease")
+        time.sleep(0.1)
     producer = AdEventProducer(client, store.name)
     start = time.perf_counter()
     for n in range(n_events):
@@ -107,11 +138,15 @@ def visibility(client, teacher: Encoder, base_ids: list[str], base: np.ndarray, 
     while outstanding and time.perf_counter() < deadline:
         time.sleep(0.05)
     stop.set()
+    updater_stop.set()
     live.stop()
     for t in threads:
         t.join()
+    updater.join(timeout=60)
+    os.sched_setaffinity(0, affinity)
     out = {f"{op}_visible_ms": ms_percentiles(np.array(v)) for op, v in seen.items() if v}
     return {**out, "events": n_events, "never_visible": len(outstanding), "rate_per_s": rate, "clients": clients,
+            "cores": f"updater on core {second}, the rest on core {first}" if isolate else "all share every core",
             "searches_per_s": round(sum(searches) / (time.perf_counter() - start), 1)}
 
 
@@ -165,7 +200,10 @@ def run(out_dir: Path, *, quick: bool = False, model: str = "teacher-default") -
     base = unit(rng, n_base, teacher.dim)
     with tempfile.TemporaryDirectory() as tmp, local_redis(Path(tmp)) as url:
         client = redis_client(url)
-        numbers = {"visibility": visibility(client, teacher, base_ids, base, rate=20, seconds=seconds),
+        numbers = {"visibility": visibility(url, teacher, model, base_ids, base, rate=20, seconds=seconds),
+                   **({"visibility_isolated": visibility(url, teacher, model, base_ids, base, rate=20,
+                                                         seconds=seconds, isolate=True)}
+                      if len(os.sched_getaffinity(0)) >= 2 else {}),
                    "search_with_deltas": pending_delta_search(base_ids, base, teacher.space, n_deltas,
                                                               queries=100 if quick else 300),
                    "throughput": throughput(client, teacher, n_tp), "goals": GOALS}
@@ -174,5 +212,5 @@ def run(out_dir: Path, *, quick: bool = False, model: str = "teacher-default") -
 
 
 def problems(numbers: dict) -> list[str]:
-    v = numbers["visibility"]
-    return [f"{v['never_visible']} events never became visible"] if v["never_visible"] else []
+    return [f"{key}: {v['never_visible']} events never became visible"
+            for key, v in numbers.items() if key.startswith("visibility") and v["never_visible"]]

@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 
 from hlm.config import ModelRef, Runtime
 from hlm.data import ADS, QUERIES, Contract, DataError, check_schema, embeddings_table, split_valid
-from hlm.encoder import Encoder
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +165,10 @@ class EmbedBatch:
     """Encode an (id, text) batch into an `embeddings` batch. Ray Data runs it as an actor: the model loads once."""
 
     def __init__(self, model: ModelRef | dict, kind: InputKind, batch_size: int, runtime: Runtime | dict | None = None):
+        # imported here, not at the top: the ValidateRows actor imports this module too and needs no torch or
+        # transformers (about 4 s of CPU per job on a 2-core box)
+        from hlm.encoder import Encoder
+
         model = ModelRef.model_validate(model)
         runtime = Runtime.model_validate(runtime or {})
         self.encoder = Encoder.load(model, runtime)

@@ -15,5 +15,7 @@ def test_pending_delta_search_reports_both_p50s_and_their_ratio() -> None:
 
 
 def test_events_that_never_became_visible_fail_the_run() -> None:
-    assert problems({"visibility": {"never_visible": 3}}) == ["3 events never became visible"]
+    assert problems({"visibility": {"never_visible": 3}}) == ["visibility: 3 events never became visible"]
+    assert problems({"visibility": {"never_visible": 0}, "visibility_isolated": {"never_visible": 2},
+                     "throughput": {}}) == ["visibility_isolated: 2 events never became visible"]
     assert problems({"visibility": {"never_visible": 0}}) == []
