@@ -31,6 +31,7 @@ import ray
 import torch
 
 from bench.common import local_redis, ms_percentiles, write_result
+from hlm.cli import init_ray
 from hlm.config import ModelRef, load_config
 from hlm.delta_index import DeltaIndex
 from hlm.deltas import DeltaEntry
@@ -40,8 +41,8 @@ from hlm.index import AdIndex
 from hlm.live_index import LiveIndex
 from hlm.redis_client import redis_client
 from hlm.store import IndexStore
-from hlm.updater import StreamUpdater
-from pipelines.embed import run_embed
+from hlm.updater import StreamUpdater, lease_key
+from pipelines.embed import local_pool_cpus, run_embed
 
 logger = logging.getLogger(__name__)
 GOALS = {"delete_p99_ms": 1000, "upsert_p99_ms": 5000}
@@ -118,8 +119,7 @@ def visibility(url: str, teacher: Encoder, model: str, base_ids: list[str], base
     threads.append(threading.Thread(target=probe))
     for t in threads:
         t.start()
-    StreamUpdater(client, store.name, teacher.encode, teacher.space).ensure_group()
-    while not client.exists(f"hlm:{store.name}:updater"):  # the updater loaded its teacher and took its lease
+    while not client.exists(lease_key(store.name)):  # the updater loaded its teacher and took its lease
         if not updater.is_alive():
             raise RuntimeError(f"the updater process exited with {updater.exitcode} before taking its lease")
         time.sleep(0.1)
@@ -187,7 +187,7 @@ def throughput(client, teacher: Encoder, model: str, n: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "ads.parquet"
         pq.write_table(pa.table({"ad_id": [f"t{i}" for i in range(n)], "text": texts}), src)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        init_ray(local_pool_cpus(cfg), include_dashboard=False, log_to_driver=False)
         try:
             job_rps = n / run_embed(cfg, ModelRef(model=model), src, "ads", Path(tmp) / "out")["seconds"]
         finally:

@@ -45,6 +45,11 @@ logger = logging.getLogger(__name__)
 Encode = Callable[[list[str]], np.ndarray]  # texts -> float32 (n, d), the teacher's `Encoder.encode` contract
 
 
+def lease_key(index: str) -> str:
+    """The key of the lease that lets one updater at a time work on ``index``."""
+    return f"hlm:{index}:updater"
+
+
 class StreamJob(Section):
     """`pipelines.stream_ads`: the long-running updater of one index."""
 
@@ -257,7 +262,7 @@ class StreamUpdater:
     def run(self, stop: threading.Event, *, lease_s: float = 10.0, retry_s: float = 1.0) -> Counts:
         """Take the lease (waiting while a live or killed updater holds it), then process batches until ``stop``.
         Redis trouble, or no base to write to, waits and retries; the events stay pending meanwhile."""
-        lease = Lease(self.client, f"hlm:{self.index}:updater", owner=self.consumer, ttl_s=lease_s)
+        lease = Lease(self.client, lease_key(self.index), owner=self.consumer, ttl_s=lease_s)
         while not stop.is_set():
             try:
                 lease.acquire()
@@ -271,7 +276,7 @@ class StreamUpdater:
             while not stop.is_set():
                 try:
                     if not lease.held():
-                        raise RuntimeError(f"lost the lease hlm:{self.index}:updater (a pause over {lease_s} s); "
+                        raise RuntimeError(f"lost the lease {lease_key(self.index)} (a pause over {lease_s} s); "
                                            "another updater may be running, so this one stops")
                     self.ensure_group()
                     if len(self.queued) < self.read_count:
