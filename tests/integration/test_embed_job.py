@@ -90,17 +90,8 @@ def test_inputs_stream_from_a_uri_and_rows_are_numbered_in_their_own_files(ray_c
     assert record["rows_written"] == 40 + 50 - 3 == len(set(pd.read_parquet(tmp_path / "out")["id"]))
 
 
-def test_rerun_into_a_finished_folder_does_nothing(ray_cluster, tiny_bert_dir, tmp_path, capsys):
-    write_ads(tmp_path / "ads.parquet", n=40)
-    cfg, model = job_config(16, 1), ModelRef(model=str(tiny_bert_dir))
-    run_embed(cfg, model, tmp_path / "ads.parquet", "ads", tmp_path / "out")
-    files_before = sorted(p.name for p in (tmp_path / "out").iterdir())
-    run_embed(cfg, model, tmp_path / "ads.parquet", "ads", tmp_path / "out")
-    assert "nothing to do" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == files_before
-
-
-def test_crash_leftovers_are_discarded_and_the_rerun_is_exactly_once(ray_cluster, tiny_bert_dir, tmp_path):
+def test_crash_leftovers_are_discarded_the_rerun_is_exactly_once_and_another_does_nothing(ray_cluster, tiny_bert_dir,
+                                                                                         tmp_path, capsys):
     # Given a crashed run's half-written staging folder holding a stale copy of some rows
     write_ads(tmp_path / "ads.parquet", n=60)
     staging = tmp_path / ".out.staging"
@@ -108,11 +99,18 @@ def test_crash_leftovers_are_discarded_and_the_rerun_is_exactly_once(ray_cluster
     pq.write_table(pa.table({"id": ["ad-00000", "ad-00001"], "embedding": [[0.0] * 32, [0.0] * 32]}),
                    staging / "stale.parquet")
     # When the job runs again
-    run_embed(job_config(16, 1), ModelRef(model=str(tiny_bert_dir)), tmp_path / "ads.parquet", "ads", tmp_path / "out")
+    cfg, model = job_config(16, 1), ModelRef(model=str(tiny_bert_dir))
+    run_embed(cfg, model, tmp_path / "ads.parquet", "ads", tmp_path / "out")
     # Then the output holds each id once and no staging folder is left
     ids, _, _ = read_embeddings(tmp_path / "out")
     assert len(ids) == len(set(ids)) == 60
     assert not staging.exists()
+    # And a run into the finished folder does nothing
+    files_before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    capsys.readouterr()
+    run_embed(cfg, model, tmp_path / "ads.parquet", "ads", tmp_path / "out")
+    assert "nothing to do" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == files_before
 
 
 def _embed_cmd(model: Path, src: Path, out: Path) -> list[str]:

@@ -1,6 +1,6 @@
 """The recipe job on a real local Ray with tiny models: a full run, a rerun that skips every stage, then a changed
-align setting whose run is killed mid-align: the rerun resumes align's Ray Train run from its last checkpoint and
-reruns only align and what follows.
+refine setting whose run is killed mid-refine: the rerun resumes refine-L2's Ray Train run from its last checkpoint
+and reruns only the refine stages and what follows them, not align, prune or the baselines upstream or beside them.
 
 Fixture: the built-in catalogue split (45 train / 15 dev queries, 120 ads), the tiny 48-d teacher and the session's
 tiny 2-layer 32-d student; depths [2, 1], a few steps per phase.
@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hlm.checkpoint import load_checkpoint
 from hlm.encoder import Encoder
 from hlm.staging import SUCCESS
 from hlm.trec import run_name
@@ -97,9 +98,9 @@ def test_a_rerun_skips_every_stage_and_changes_nothing(finished, capsys):
 
 @pytest.fixture(scope="module")
 def killed_then_rerun(finished, ray_cluster) -> dict:
-    """The finished run's align changed to 60 steps with a checkpoint every 2, killed (SIGKILL of the job's process
-    group) once align has reported a checkpoint, then run again to the end: what the rerun printed and wrote."""
-    changed = ["--set", "recipe.align.max_steps=60", "--set", "recipe.align.checkpoint_every=2"]
+    """The finished run's refine changed to 60 steps with a checkpoint every 2, killed (SIGKILL of the job's process
+    group) once refine-L2 has reported a checkpoint, then run again to the end: what the rerun printed and wrote."""
+    changed = ["--set", "recipe.refine.max_steps=60", "--set", "recipe.refine.checkpoint_every=2"]
     cmd = [sys.executable, "-m", "pipelines.recipe", "--config", str(finished["config"]), *changed]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
     out, started = finished["out"], time.time()
@@ -108,31 +109,40 @@ def killed_then_rerun(finished, ray_cluster) -> dict:
     deadline = time.monotonic() + 300
 
     def checkpointed() -> bool:
-        return any(p.stat().st_mtime > started for p in (out / "ray_results").glob("align-*/checkpoint_*"))
+        return any(p.stat().st_mtime > started for p in (out / "ray_results").glob("refine-L2-*/checkpoint_*"))
 
     while not checkpointed() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    align_after_kill = json.loads((out / "align" / "metrics.json").read_text())["steps"]
+    refine_after_kill = json.loads((out / "refine-L2" / "metrics.json").read_text())["steps"]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):  # the rerun needs no process of its own: only the kill did
         code = main(cmd[3:])
     assert code == 0, printed.getvalue()[-3000:]
-    return {"killed_while_checkpointed": checkpointed(), "align_steps_after_kill": align_after_kill,
-            "status": statuses(printed.getvalue()), "align": json.loads((out / "align" / "metrics.json").read_text())}
+    return {"killed_while_checkpointed": checkpointed(), "refine_steps_after_kill": refine_after_kill,
+            "status": statuses(printed.getvalue()),
+            "refine": json.loads((out / "refine-L2" / "metrics.json").read_text()),
+            "refine_loss_steps": [int(line.split(",")[0]) for line in
+                                  (out / "refine-L2" / "loss.csv").read_text().splitlines()[1:]]}
 
 
-def test_a_changed_align_setting_reruns_only_align_and_what_follows(killed_then_rerun):
+def test_a_changed_refine_setting_reruns_only_refine_and_what_follows(killed_then_rerun):
     status = killed_then_rerun["status"]
     ran = {stage for stage, s in status.items() if s == "ran"}
-    assert ran == {"align", "prune", "refine-L2", "refine-L1", "evaluate"}
-    assert status["teacher"] == status["ads"] == status["direct-L1"] == status["paper-L1"] == "skipped"
+    assert ran == {"refine-L2", "refine-L1", "evaluate"}
+    # upstream (the models refine starts from) and beside it (the paper baseline trains with its own settings)
+    assert {status[s] for s in ("teacher", "ads", "align", "prune", "direct-L1", "paper-L2", "paper-L1")} == {"skipped"}
 
 
 def test_a_run_killed_mid_stage_resumes_from_its_last_checkpoint(killed_then_rerun):
-    # Given the killed run had reported a checkpoint of the changed align but not finished it
+    # Given the killed run had reported a checkpoint of the changed refine-L2 but not finished it
     assert killed_then_rerun["killed_while_checkpointed"]
-    assert killed_then_rerun["align_steps_after_kill"] == 4  # the finished run's align folder was still in place
-    # Then the rerun resumed align past step 0 instead of starting over, and finished it
-    assert killed_then_rerun["align"]["start_step"] > 0 and killed_then_rerun["align"]["steps"] == 60
+    assert killed_then_rerun["refine_steps_after_kill"] == 4  # the finished run's folder was still in place
+    # Then the rerun resumed refine-L2 past step 0 instead of starting over, and finished it
+    assert killed_then_rerun["refine"]["start_step"] > 0 and killed_then_rerun["refine"]["steps"] == 60
+    # in the one Ray run the killed run had started, whose last checkpoint is step 60
+    refine = killed_then_rerun["refine"]
+    assert load_checkpoint(Path(refine["run_path"]) / "step-0000060")[2] == 60
+    # and its loss record has every step exactly once: the killed run's up to its checkpoint, then the resumed run's
+    assert killed_then_rerun["refine_loss_steps"] == list(range(1, 61))
