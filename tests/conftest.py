@@ -25,10 +25,14 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # Ray Train polls its workers every 2 s by default, a wait added to each of the ~30 tiny training runs here
 # (a finished run is noticed a poll later); set before the session's Ray starts so its processes inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-# Each Ray Train run starts one actor process per helper; on one local node two of them have nothing to watch:
-# the preemption watcher (node drains) and the metrics pushers. Off, a run costs ~2-3 CPU-s less on 2 cores.
+# Each Ray Train run starts a preemption watcher, an actor process with nothing to watch on one node (it follows node
+# drains; ~2 CPU-s a run on 2 cores), and metrics callbacks feeding Prometheus gauges that nobody scrapes here.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+# Serve's handles and replicas push the autoscaling metrics every 10 s by default: the autoscaling test would wait
+# on that push rather than on its own (short) upscale and downscale delays.
+os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 
 
 def free_port() -> int:

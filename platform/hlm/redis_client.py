@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+from typing import TYPE_CHECKING
 
-import redis
+if TYPE_CHECKING:
+    import redis
 
 # scheme://user:password@host: the password runs to the last '@' before the path (greedy: an unescaped '@' in a
 # password must not leave its tail in the clear)
@@ -39,6 +41,8 @@ def redis_client(url: str | None = None, *, password: str | None = None, ssl_ca:
             kwargs["ssl_ca_certs"] = ssl_ca
     elif ssl_ca:
         raise ValueError(f"ssl_ca was given but {redact(url)!r} is not a rediss:// (TLS) URL")
+    import redis  # here, not at the top: every config import (each Ray worker's) would pay ~0.3 s for it
+
     pool = redis.ConnectionPool.from_url(url, **kwargs)
     if password:
         pool.connection_kwargs["password"] = password  # from_url lets the URL win; an explicit password wins here

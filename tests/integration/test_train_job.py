@@ -18,11 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from hlm.config import TrainJob, load_config
 from hlm.encoder import Encoder
 from hlm.phase_data import read_phase_data
 from hlm.pruning import num_layers
 from hlm.space import Embeddings
+from hlm.train import train_refine
 from pipelines import train as train_job
 from pipelines.train import main
 
@@ -117,11 +120,23 @@ def test_refine_trains_against_frozen_teacher_ads_with_mined_hard_negatives(ray_
                                           strict=True) if y > 0}
     assert not any((qid[text], ads.ids[j]) in relevant
                    for text, row in zip(data.queries, data.hard_negative_idx, strict=True) for j in row)
-    # and the negatives reach the loss: the same first step without them (nor L2) has a lower InfoNCE
-    assert main(job_args(catalog_split, "refine", tmp_path / "in-batch", "train.max_steps=1", "train.hard_negatives=0",
-                         init=tiny_bert_dir, dev=False)) == 0
-    in_batch = json.loads((tmp_path / "in-batch" / "metrics.json").read_text())["first_loss"]
-    assert in_batch < float(rows[0]["loss/contrastive"])  # the InfoNCE term alone, without the L2 one
+    # and the negatives reach the loss: the job's first InfoNCE term is the in-process loop's first step with the same
+    # data, settings and seed, and that step without the negatives has a lower one
+    cfg = load_config(out / "train.config.yaml")
+
+    def first_infonce(job: TrainJob, hard_negative_idx: np.ndarray | None) -> float:
+        first: list[float] = []
+        torch.manual_seed(cfg.seed)  # as the Ray Train worker does before it loads the encoder
+        train_refine(Encoder.load(tiny_bert_dir), data.queries, data.positive_ad_idx, data.ad_emb,
+                     job.model_copy(update={"max_steps": 1}), hard_negative_idx=hard_negative_idx,
+                     teacher_q_emb=data.teacher_q_emb, teacher_space=data.teacher_space,
+                     on_step=lambda step, metrics, save: first.append(float(metrics["parts"]["contrastive"])))
+        return first[0]
+
+    assert first_infonce(cfg.train, data.hard_negative_idx) == pytest.approx(float(rows[0]["loss/contrastive"]),
+                                                                             rel=1e-4)
+    in_batch = first_infonce(cfg.train.model_copy(update={"hard_negatives": 0}), None)
+    assert in_batch < float(rows[0]["loss/contrastive"])
 
 
 def test_prune_on_two_workers_writes_one_encoder_folder_per_schedule_step(ray_cluster, tiny_bert_dir, catalog_split,
