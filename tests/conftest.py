@@ -29,10 +29,6 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # drains; ~2 CPU-s a run on 2 cores), and metrics callbacks feeding Prometheus gauges that nobody scrapes here.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
-# Serve's handles and replicas push the autoscaling metrics every 10 s by default: the autoscaling test would wait
-# on that push rather than on its own (short) upscale and downscale delays.
-os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
-os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 
 
 def free_port() -> int:
