@@ -23,6 +23,7 @@ import yaml
 
 from hlm.checkpoint import load_checkpoint
 from hlm.encoder import Encoder
+from hlm.loss_log import LOSS_CSV, LossLog
 from hlm.staging import SUCCESS
 from hlm.trec import run_name
 from pipelines.recipe import main
@@ -123,8 +124,8 @@ def killed_then_rerun(finished, ray_cluster) -> dict:
     return {"killed_while_checkpointed": checkpointed(), "refine_steps_after_kill": refine_after_kill,
             "status": statuses(printed.getvalue()),
             "refine": json.loads((out / "refine-L2" / "metrics.json").read_text()),
-            "refine_loss_steps": [int(line.split(",")[0]) for line in
-                                  (out / "refine-L2" / "loss.csv").read_text().splitlines()[1:]]}
+            "refine_loss_steps": [int(row["step"])
+                                  for row in LossLog.read_csv(out / "refine-L2" / LOSS_CSV, "refine").rows]}
 
 
 def test_a_changed_refine_setting_reruns_only_refine_and_what_follows(killed_then_rerun):
@@ -140,9 +141,9 @@ def test_a_run_killed_mid_stage_resumes_from_its_last_checkpoint(killed_then_rer
     assert killed_then_rerun["killed_while_checkpointed"]
     assert killed_then_rerun["refine_steps_after_kill"] == 4  # the finished run's folder was still in place
     # Then the rerun resumed refine-L2 past step 0 instead of starting over, and finished it
-    assert killed_then_rerun["refine"]["start_step"] > 0 and killed_then_rerun["refine"]["steps"] == 60
-    # in the one Ray run the killed run had started, whose last checkpoint is step 60
     refine = killed_then_rerun["refine"]
+    assert refine["start_step"] > 0 and refine["steps"] == 60
+    # in the one Ray run the killed run had started, whose last checkpoint is step 60
     assert load_checkpoint(Path(refine["run_path"]) / "step-0000060")[2] == 60
     # and its loss record has every step exactly once: the killed run's up to its checkpoint, then the resumed run's
     assert killed_then_rerun["refine_loss_steps"] == list(range(1, 61))
