@@ -1,6 +1,9 @@
 """The nightly refresh end to end on a real local Ray and a real Redis, the tiny BERT as the teacher.
 
-Each test publishes into its own index name and its own work_dir, so tests never see each other's versions.
+Each test publishes into its own index name and its own work_dir, so tests never see each other's versions. A test's
+"Given a published catalogue" run goes through the same `hlm.refresh.refresh` with the in-process embedding
+reference instead of the Ray Data job (tests/integration/test_embed_job.py pins the two together): only the runs
+under test pay for a Ray Data job (~7 s each on 2 cores).
 """
 
 from __future__ import annotations
@@ -14,8 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hlm.data import read_embeddings
+from hlm.config import load_config
+from hlm.data import read_embeddings, write_embeddings
+from hlm.embedding import validate_inputs
+from hlm.encoder import Encoder
 from hlm.redis_client import redis_client
+from hlm.refresh import refresh as refresh_run
 from hlm.store import IndexStore
 from pipelines.refresh_index import main
 
@@ -38,19 +45,35 @@ def write_ads(path: Path, texts: dict[str, str | None], deleted: set[str] = froz
 class Refresh:
     """Runs `pipelines.refresh_index.main` in-process (on the session's Ray) against one fresh index name."""
 
+    CONFIG = str(REPO / "configs" / "refresh.yaml")
+
     def __init__(self, tmp_path: Path, tiny_bert_dir: Path, redis_url: str) -> None:
         self.index, self.work = f"refresh-{uuid.uuid4().hex[:8]}", tmp_path / "runs"
         self.ads = tmp_path / "ads.parquet"
         self.store = IndexStore(redis_client(redis_url), self.index)
-        self.base = ["--config", str(REPO / "configs" / "refresh.yaml"), "--set", "profile=cpu",
-                     "--set", f"teacher.model={tiny_bert_dir}", "--set", "embed.num_actors=1",
-                     "--set", "embed.batch_size=32", "--set", f"refresh.ads={self.ads}",
-                     "--set", f"refresh.index={self.index}", "--set", f"refresh.redis_url={redis_url}",
-                     "--set", f"refresh.work_dir={self.work}", "--set", "refresh.factory=Flat"]
+        self.overrides = ["profile=cpu", f"teacher.model={tiny_bert_dir}", "embed.num_actors=1", "embed.batch_size=32",
+                          f"refresh.ads={self.ads}", f"refresh.index={self.index}", f"refresh.redis_url={redis_url}",
+                          f"refresh.work_dir={self.work}", "refresh.factory=Flat"]
+        self.base = ["--config", self.CONFIG, *(arg for o in self.overrides for arg in ("--set", o))]
 
     def __call__(self, *overrides: str) -> tuple[int, dict]:
         rc = main(self.base + [arg for o in overrides for arg in ("--set", o)])
         return rc, json.loads(sorted(self.work.glob("*/run.json"))[-1].read_text())
+
+    def given(self, *overrides: str) -> dict:
+        """A published starting version: the same refresh, its ads embedded in this process, not by Ray Data."""
+        cfg = load_config(self.CONFIG, [*self.overrides, *overrides])
+        teacher = Encoder.load(cfg.teacher, cfg.runtime)
+
+        def embed(path: Path, kind: str, out: Path) -> Path:
+            rows = validate_inputs(path, kind).rows
+            write_embeddings(out / "part-0.parquet", rows.column("id").to_pylist(),
+                             teacher.encode(rows.column("text").to_pylist(), kind="ad"), teacher.describe_space())
+            return out
+
+        record = refresh_run(cfg, embed)
+        assert record["status"] == "published", record["why_not"]
+        return record
 
 
 @pytest.fixture
@@ -106,8 +129,8 @@ def test_a_refused_gate_publishes_nothing_and_exits_1(refresh: Refresh, tmp_path
                    tmp_path / "canary_l.parquet")
     canary = [f"refresh.canary_queries={tmp_path / 'canary_q.parquet'}",
               f"refresh.canary_labels={tmp_path / 'canary_l.parquet'}"]
-    rc, first = refresh(*canary)
-    assert rc == 0 and first["gate"]["checks"]["canary_quality"]["status"] == "skipped"
+    first = refresh.given(*canary)
+    assert first["gate"]["checks"]["canary_quality"]["status"] == "skipped"
     # When 3 of the relevant ads are deleted and the recall gate asks the impossible (1.01)
     write_ads(refresh.ads, texts, deleted=set(relevant[:3]))
     rc, low_recall = refresh("refresh.min_recall=1.01")
@@ -131,7 +154,7 @@ def test_a_bad_row_is_reported_and_loses_nothing(refresh: Refresh) -> None:
     # Given a published catalogue
     texts = catalogue()
     write_ads(refresh.ads, texts)
-    _, first = refresh()
+    first = refresh.given()
     # When an indexed ad's text turns null, a new ad arrives with a null text and another valid one arrives
     broken = texts | {"ad-00010": None, "ad-new-bad": None, "ad-new-ok": "oak door 3v"}
     write_ads(refresh.ads, broken)
@@ -152,7 +175,7 @@ def test_a_bad_row_is_reported_and_loses_nothing(refresh: Refresh) -> None:
 
 def test_a_truncated_catalogue_exits_2_naming_the_file_and_the_current_version_stays(refresh: Refresh, capsys) -> None:
     write_ads(refresh.ads, catalogue())
-    _, first = refresh()
+    first = refresh.given()
     whole = refresh.ads.read_bytes()
     refresh.ads.write_bytes(whole[: len(whole) // 2])
     assert main(refresh.base) == 2
@@ -178,8 +201,7 @@ def test_a_truncated_export_is_refused_and_only_an_explicit_override_publishes_i
     # Given a published catalogue exported as 10 files
     export = tmp_path / "export"
     parts = write_export(export, catalogue(), 10)
-    rc, first = refresh(f"refresh.ads={export}")
-    assert rc == 0 and first["status"] == "published"
+    first = refresh.given(f"refresh.ads={export}")
     # When the next export is valid but holds only 3 of its 10 files (42 of 60 ads look deleted)
     for part in parts[3:]:
         part.unlink()
@@ -228,8 +250,7 @@ def test_the_refresh_folds_the_event_stream_in_and_records_its_position(refresh:
     # Given a published catalogue, then a streamed upsert, an edit and a delete, and one event more after that
     texts = catalogue()
     write_ads(refresh.ads, texts)
-    assert refresh()[0] == 0
-    first = refresh.store.current()
+    first = refresh.given()["published_version"]
     producer = AdEventProducer(refresh.store.client, refresh.index)
     producer.upsert("streamed", "streamed steel tile")
     producer.upsert("ad-00001", "an edited drill")

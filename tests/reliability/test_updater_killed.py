@@ -1,5 +1,6 @@
-"""SIGKILL of `python -m pipelines.stream_ads` (its whole process group, Ray included) mid-stream, then a restart:
-every event is applied exactly once and search shows every upsert and no deleted ad."""
+"""SIGKILL of `python -m pipelines.stream_ads` (its whole process group) mid-stream, then a restart: every event is
+applied exactly once and search shows every upsert and no deleted ad. Both updaters join the session's Ray, as a job
+submitted to a long-lived cluster does; the killed driver's encoder actor dies with it (Ray ends an owner's actors)."""
 
 from __future__ import annotations
 
@@ -25,13 +26,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def start_updater(redis_url: str, teacher: Path, index: str, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'platform'}:{REPO}", "HF_HUB_OFFLINE": "1"}
+def start_updater(redis_url: str, teacher: Path, index: str, log: Path, ray_address: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'platform'}:{REPO}", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ray_address}
     cmd = [sys.executable, "-m", "pipelines.stream_ads", "--set", f"teacher.model={teacher}",
            "--set", f"stream.index={index}", "--set", f"stream.redis_url={redis_url}", "--set", "stream.lease_s=2",
            "--set", "stream.batch_size=2", "--set", "embed.num_actors=1"]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)  # its own group: the kill takes Ray's processes too
+                            start_new_session=True)  # its own group: the kill takes every process it started
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:
@@ -43,7 +44,7 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
 
 
 def test_sigkill_mid_stream_then_restart_applies_every_event_exactly_once(redis_url: str, tiny_bert_dir: Path,
-                                                                         tmp_path: Path) -> None:
+                                                                         tmp_path: Path, ray_cluster) -> None:
     # Given a base of 30 ads embedded by the tiny teacher, and 60 events (40 upserts, 20 deletes) in the stream
     client, index = redis_client(redis_url), "killed-updater"
     teacher = Encoder.load(tiny_bert_dir)
@@ -59,7 +60,7 @@ def test_sigkill_mid_stream_then_restart_applies_every_event_exactly_once(redis_
     sent = AdEventProducer(client, index).send(events)
     log_file, deltas = tmp_path / "updater.log", DeltaLog(client, index)
     # When the updater is SIGKILLed once it has written some (micro-batches of 2) but not all of them
-    first = start_updater(redis_url, tiny_bert_dir, index, log_file)
+    first = start_updater(redis_url, tiny_bert_dir, index, log_file, ray_cluster["gcs_address"])
     try:
         wait_for(lambda: len(deltas.read("v1")) >= 2, 180, f"the first delta entries ({log_file})")
     finally:
@@ -68,7 +69,7 @@ def test_sigkill_mid_stream_then_restart_applies_every_event_exactly_once(redis_
     written_before = len(deltas.read("v1"))
     assert written_before < len(sent), "the kill came too late to interrupt the stream"
     # And a new one is started (it waits out the dead one's lease, then claims its pending events)
-    second = start_updater(redis_url, tiny_bert_dir, index, log_file)
+    second = start_updater(redis_url, tiny_bert_dir, index, log_file, ray_cluster["gcs_address"])
     try:
         wait_for(lambda: len(deltas.read("v1")) >= len(sent)
                  and client.xpending(events_key(index), "hlm-updater")["pending"] == 0, 180, "the rest")
