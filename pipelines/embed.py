@@ -91,31 +91,29 @@ def run_embed(cfg: Config, model: ModelRef, input_path: str | Path, kind: InputK
 def _write_embeddings(cfg: Config, model: ModelRef, inputs: InputFiles, kind: InputKind, space: dict, staging: Path,
                       rejected_staging: Path) -> None:
     """The Ray Data pipeline: read in file order, validate (bad rows to `rejected_staging`), embed, write."""
-    context = ray.data.DataContext.get_current()
-    preserve_order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
-    try:  # in order, so that ValidateRows numbers each file's rows
-        ds = ray.data.read_parquet(inputs.paths, filesystem=inputs.filesystem, include_paths=True)
-        ds = ds.map_batches(ValidateRows, fn_constructor_kwargs={"kind": kind, "rejected_dir": str(rejected_staging)},
-                            batch_size=cfg.embed.batch_size * 8, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
-        # blocks of ~8 encoder batches: enough to keep every actor busy, small enough that progress moves
-        ds = ds.repartition(target_num_rows_per_block=cfg.embed.batch_size * 8)
-        ds = ds.map_batches(
-            EmbedBatch,
-            fn_constructor_kwargs={"model": model.model_dump(), "kind": kind, "batch_size": cfg.embed.batch_size,
-                                   "runtime": cfg.runtime.model_dump()},
-            batch_size=cfg.embed.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=_fit_actor_pool(cfg.embed.num_actors, cfg.embed.num_cpus,
-                                                                    cfg.embed.num_gpus)),
-            num_cpus=cfg.embed.num_cpus,
-            num_gpus=cfg.embed.num_gpus,
-            udf_modifying_row_count=False,
-        )
-        schema = embedding_schema(space["dim"]).with_metadata(space_metadata(space))
-        ds.write_parquet(str(staging), schema=schema, max_rows_per_file=cfg.embed.rows_per_file, mode="overwrite")
-    finally:
-        context.execution_options.preserve_order = preserve_order
+    ds = ray.data.read_parquet(inputs.paths, filesystem=inputs.filesystem, include_paths=True)
+    # in order, so that ValidateRows numbers each file's rows; set on this dataset's own copy of the DataContext,
+    # not the process-wide one, so that jobs of a recipe's parallel stages do not change each other's settings
+    ds.context.execution_options.preserve_order = True
+    ds = ds.map_batches(ValidateRows, fn_constructor_kwargs={"kind": kind, "rejected_dir": str(rejected_staging)},
+                        batch_size=cfg.embed.batch_size * 8, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
+    # blocks of ~8 encoder batches: enough to keep every actor busy, small enough that progress moves
+    ds = ds.repartition(target_num_rows_per_block=cfg.embed.batch_size * 8)
+    ds = ds.map_batches(
+        EmbedBatch,
+        fn_constructor_kwargs={"model": model.model_dump(), "kind": kind, "batch_size": cfg.embed.batch_size,
+                               "runtime": cfg.runtime.model_dump()},
+        batch_size=cfg.embed.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=_fit_actor_pool(cfg.embed.num_actors, cfg.embed.num_cpus,
+                                                                cfg.embed.num_gpus)),
+        num_cpus=cfg.embed.num_cpus,
+        num_gpus=cfg.embed.num_gpus,
+        udf_modifying_row_count=False,
+    )
+    schema = embedding_schema(space["dim"]).with_metadata(space_metadata(space))
+    ds.write_parquet(str(staging), schema=schema, max_rows_per_file=cfg.embed.rows_per_file, mode="overwrite")
 
 
 def _identity(inputs: InputFiles) -> list[tuple[str, int | None, int | None]]:

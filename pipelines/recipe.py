@@ -243,8 +243,9 @@ def run_recipe(cfg: RecipeConfig) -> tuple[Recipe, list[StageResult]]:
     recipe = Recipe(cfg)
     stages = recipe.plan()
     cfg.save(recipe.root / "recipe.config.yaml")
-    init_ray(max(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1, local_pool_cpus(cfg)), log_to_driver=False)
-    return recipe, run_stages(stages, recipe.root)
+    stage_cpus = max(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1, local_pool_cpus(cfg))
+    init_ray(stage_cpus * cfg.recipe.parallel_stages, log_to_driver=False)
+    return recipe, run_stages(stages, recipe.root, cfg.recipe.parallel_stages)
 
 
 def main(argv: list[str] | None = None) -> int:

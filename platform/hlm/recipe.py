@@ -53,6 +53,9 @@ class RecipeJob(Section):
     own_index: list[str] = Field(default_factory=list, description="models evaluated off the shelf, each in its "
                                  "own re-embedded ad index (e.g. [teacher-default, student-default])")
     int8: bool = Field(True, description="also report every HLM student at int8 (CPU)")
+    parallel_stages: int = Field(1, ge=1, description="stages run at once when their inputs are ready (baselines "
+                                 "beside the students, one depth beside another); each needs its own room on the "
+                                 "cluster: a train stage cluster.num_workers workers, an embed stage its actor pool")
     publish: PublishSettings | None = Field(None, description="publish the teacher ad index to Redis at the end")
 
     @model_validator(mode="after")

@@ -3,7 +3,7 @@
 A `Stage` names its output folder, the settings its output depends on, the input files it reads and the
 stages it builds on. Its *key* hashes those settings, the inputs' identity (path, size, mtime) and the keys of
 the stages it builds on, so a change anywhere upstream changes every key downstream of it and nowhere else.
-`run_stages` walks the stages in order:
+`run_stages` walks the stages:
 
 - the folder holds a `_SUCCESS.json` with the stage's key → **skipped**, nothing runs;
 - otherwise the stage **runs** into a fresh hidden staging path and that path replaces the folder in one
@@ -12,7 +12,11 @@ the stages it builds on, so a change anywhere upstream changes every key downstr
   own resume state (a Ray Train run named after the key) picks up where it stopped. Staging, lock and rename
   are `hlm.staging.StagedOutput`'s, as for every job output: one live run per folder, fsync'd before it shows.
 
-Stages run in the given order, which must list every stage after the stages it builds on.
+The given order must list every stage after the stages it builds on. With ``parallel`` > 1, up to that many stages
+whose upstream stages are done run at once, each in a thread of this process: a stage's work is a Ray job on the
+cluster (a Ray Train run, a Ray Data job), so a cluster with room for several of them runs independent branches
+(the baselines beside the students, one depth's refine beside another's) side by side. A stage that fails stops new
+ones from starting; those already running finish and keep their output, and the first error is raised.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Stage:
     name: str  # also the output folder, relative to the job's root
-    run: Callable[[Path, dict[str, str]], dict[str, Any]]  # (fresh output path, keys so far) -> success record
+    run: Callable[[Path, dict[str, str]], dict[str, Any]]  # (fresh output path, every stage's key) -> record
     settings: dict[str, Any] = field(default_factory=dict)  # JSON-able: what the output depends on
     inputs: tuple[Path, ...] = ()  # files read (not produced by a stage)
     after: tuple[str, ...] = ()  # stages whose outputs it reads
@@ -55,32 +61,68 @@ class StageResult:
     record: dict[str, Any]
 
 
-def run_stages(stages: Sequence[Stage], root: Path) -> list[StageResult]:
-    """Run what is not done yet, in order; returns one result per stage (the stage table)."""
+def run_stages(stages: Sequence[Stage], root: Path, parallel: int = 1) -> list[StageResult]:
+    """Run what is not done yet, up to `parallel` stages at once; returns one result per stage, in the given order
+    (the stage table). With `parallel` 1 every stage runs in the calling thread, one after the other."""
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ValueError(f"stage names must be unique: {names}")
+    if parallel < 1:
+        raise ValueError(f"parallel must be at least 1, got {parallel}")
     keys: dict[str, str] = {}
-    results = []
-    for stage in stages:
-        key = keys[stage.name] = stage.key(keys)
-        out = StagedOutput(root / stage.name, key)
-        if (record := out.record()) is not None and record.get("job_key") == key:
-            logger.info("stage %s: done already (%s)", stage.name, out.final)
-            results.append(StageResult(stage.name, "skipped", 0.0, out.final, key, record))
-            continue
-        logger.info("stage %s: running (key %s)", stage.name, key)
-        started = time.perf_counter()
-        staging = out.begin(create=False)  # the stage makes its folder (an embed or train job's own output)
-        try:
-            record = _relocated(stage.run(staging, dict(keys)), staging, out.final)
-        except BaseException:
-            out.release()
-            raise
-        record = {**record, "job_key": key, "seconds": round(time.perf_counter() - started, 1)}
-        out.commit(record, replace=True)  # the old output stays whole until the new one is in place
-        results.append(StageResult(stage.name, "ran", record["seconds"], out.final, key, record))
-    return results
+    for stage in stages:  # a key needs only the keys upstream, so all are known before anything runs
+        keys[stage.name] = stage.key(keys)
+    results: dict[str, StageResult] = {}
+    waiting, running = list(stages), {}
+    error: BaseException | None = None
+    with ThreadPoolExecutor(parallel, thread_name_prefix="stage") if parallel > 1 else nullcontext() as pool:
+        while waiting or running:
+            ready = [s for s in waiting if all(a in results for a in s.after)] if error is None else []
+            for stage in ready[:parallel - len(running)]:
+                waiting.remove(stage)
+                running[_start(pool, stage, root, keys)] = stage
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                stage = running.pop(future)
+                try:
+                    results[stage.name] = future.result()
+                except BaseException as e:  # noqa: BLE001 - re-raised once the running stages are done
+                    error = error or e
+    if error is not None:
+        raise error
+    return [results[name] for name in names]
+
+
+def _start(pool: ThreadPoolExecutor | None, stage: Stage, root: Path, keys: dict[str, str]) -> Future:
+    if pool is not None:
+        return pool.submit(_run_stage, stage, root, keys)
+    future: Future = Future()
+    try:
+        future.set_result(_run_stage(stage, root, keys))
+    except BaseException as e:  # noqa: BLE001 - the caller's loop raises it, as for a stage in a thread
+        future.set_exception(e)
+    return future
+
+
+def _run_stage(stage: Stage, root: Path, keys: dict[str, str]) -> StageResult:
+    key = keys[stage.name]
+    out = StagedOutput(root / stage.name, key)
+    if (record := out.record()) is not None and record.get("job_key") == key:
+        logger.info("stage %s: done already (%s)", stage.name, out.final)
+        return StageResult(stage.name, "skipped", 0.0, out.final, key, record)
+    logger.info("stage %s: running (key %s)", stage.name, key)
+    started = time.perf_counter()
+    staging = out.begin(create=False)  # the stage makes its folder (an embed or train job's own output)
+    try:
+        record = _relocated(stage.run(staging, dict(keys)), staging, out.final)
+    except BaseException:
+        out.release()
+        raise
+    record = {**record, "job_key": key, "seconds": round(time.perf_counter() - started, 1)}
+    out.commit(record, replace=True)  # the old output stays whole until the new one is in place
+    return StageResult(stage.name, "ran", record["seconds"], out.final, key, record)
 
 
 def _relocated(record: Any, staging: Path, folder: Path) -> Any:

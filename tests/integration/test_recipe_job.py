@@ -42,7 +42,7 @@ def recipe_config(folder: Path, split: dict, student: Path, **recipe) -> Path:
            "recipe": {"data": {"train": str(root / "train"), "dev": str(root / "dev")}, "out": str(folder / "out"),
                       "depths": [2, 1], "teacher": {**fast, "hard_negatives": 0}, "align": fast,
                       "prune": {**fast, "steps_per_prune": 3}, "refine": fast, "direct_baseline": fast,
-                      "paper_baseline": fast, **recipe}}
+                      "paper_baseline": fast, "parallel_stages": 2, **recipe}}
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,56 @@ def test_a_stage_listed_before_what_it_reads_is_refused(tmp_path, data):
     stages = chain([], data, {})
     with pytest.raises(ValueError, match="runs after"):
         run_stages([stages[1], stages[0]], tmp_path / "out")
+
+
+def timed(events: list[tuple[str, str]], name: str, barrier: threading.Barrier | None = None, fail: bool = False):
+    """A stage that logs its start and end; with a barrier it waits there for its peers (a broken barrier raises)."""
+    def run(out: Path, _: dict[str, str]) -> dict:
+        events.append(("start", name))
+        out.mkdir()
+        if barrier is not None:
+            barrier.wait()
+        time.sleep(0.05)
+        events.append(("end", name))
+        if fail:
+            raise RuntimeError(f"{name} failed")
+        return {}
+    return run
+
+
+def diamond(events: list[tuple[str, str]], both: threading.Barrier) -> list[Stage]:
+    """a → (b, c) → d, where b and c wait for each other: they can only finish by running at the same time."""
+    return [Stage("a", timed(events, "a")), Stage("b", timed(events, "b", both), after=("a",)),
+            Stage("c", timed(events, "c", both), after=("a",)), Stage("d", timed(events, "d"), after=("b", "c"))]
+
+
+def test_parallel_stages_run_independent_branches_at_once_and_never_before_their_upstream(tmp_path):
+    events: list[tuple[str, str]] = []
+    results = run_stages(diamond(events, threading.Barrier(2, timeout=5)), tmp_path / "out", parallel=2)
+    assert [r.name for r in results] == ["a", "b", "c", "d"] and {r.status for r in results} == {"ran"}
+    # a stage started only after every stage it reads had ended
+    at = {event: i for i, event in enumerate(events)}
+    assert at[("end", "a")] < min(at[("start", "b")], at[("start", "c")])
+    assert max(at[("end", "b")], at[("end", "c")]) < at[("start", "d")]
+    # and one at a time the same stages cannot finish (b waits for c, which has not started)
+    with pytest.raises(threading.BrokenBarrierError):
+        run_stages(diamond([], threading.Barrier(2, timeout=0.5)), tmp_path / "one-at-a-time", parallel=1)
+
+
+def test_a_failed_parallel_stage_lets_the_running_one_finish_and_starts_nothing_new(tmp_path):
+    # Given b fails while c, beside it, is running, and d comes after c
+    events: list[tuple[str, str]] = []
+    both = threading.Barrier(2, timeout=5)
+    stages = [Stage("b", timed(events, "b", both, fail=True)), Stage("c", timed(events, "c", both)),
+              Stage("d", timed(events, "d"), after=("c",))]
+    with pytest.raises(RuntimeError, match="b failed"):
+        run_stages(stages, tmp_path / "out", parallel=2)
+    # Then c finished and kept its output, d never started, and b left nothing but its staging folder
+    assert ("end", "c") in events and ("start", "d") not in events
+    assert (tmp_path / "out/c" / SUCCESS).exists() and not (tmp_path / "out/b").exists()
+    # And the rerun skips c and runs the rest
+    results = run_stages([Stage("b", timed(events, "b")), stages[1], stages[2]], tmp_path / "out", parallel=2)
+    assert {r.name: r.status for r in results} == {"b": "ran", "c": "skipped", "d": "ran"}
 
 
 def test_recipe_overrides_are_checked_against_the_training_settings(tmp_path):
