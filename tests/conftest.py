@@ -29,6 +29,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # drains; ~2 CPU-s a run on 2 cores), and metrics callbacks feeding Prometheus gauges that nobody scrapes here.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+# Ray Data's Parquet reader lists files through a pool of up to 32 FooterReader actors per read (sized for thousands
+# of files on a large cluster); each is a process start (~1 CPU-s) and their churn leaves idle workers to start and
+# kill. The tests read a few files per job: one actor lists them. 3 embed jobs of 300 ads: 51-57 -> 39 CPU-s.
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 
 
 def free_port() -> int:

@@ -100,13 +100,14 @@ def test_a_rerun_skips_every_stage_and_changes_nothing(finished, capsys):
 @pytest.fixture(scope="module")
 def killed_then_rerun(finished, ray_cluster) -> dict:
     """The finished run's refine changed to 60 steps with a checkpoint every 2, killed (SIGKILL of the job's process
-    group) once refine-L2 has reported a checkpoint, then run again to the end: what the rerun printed and wrote."""
+    group) once refine-L2 has reported a checkpoint, then run again to the end: what the rerun printed and wrote.
+    The killed run goes one stage at a time, the rerun two at a time: how many run at once is in no stage's key."""
     changed = ["--set", "recipe.refine.max_steps=60", "--set", "recipe.refine.checkpoint_every=2"]
     cmd = [sys.executable, "-m", "pipelines.recipe", "--config", str(finished["config"]), *changed]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
     out, started = finished["out"], time.time()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen([*cmd, "--set", "recipe.parallel_stages=1"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
 
     def checkpointed() -> bool:
