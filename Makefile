@@ -41,7 +41,7 @@ bench: $(VENV)/.weights redis-server
 
 # The tests start their own redis-server on a free loopback port and one local Ray for the session.
 # Scenarios marked `slow` (long load, replica restarts) run in `make reliability` only. The 15 slowest tests are
-# listed at the end: where the ~15-20 minutes go (#21 asks for under 12).
+# listed at the end: where the ~10 minutes go (#21 asks for under 12).
 test: $(VENV)/.weights redis-server
 	$(PY) -m pytest tests -m "not slow" --durations=15
 
