@@ -24,8 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import nullcontext
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,15 +71,17 @@ def run_stages(stages: Sequence[Stage], root: Path, parallel: int = 1) -> list[S
     keys: dict[str, str] = {}
     for stage in stages:  # a key needs only the keys upstream, so all are known before anything runs
         keys[stage.name] = stage.key(keys)
+    if parallel == 1:  # in the calling thread: Ray Train handles Ctrl-C only in the main thread
+        return [_run_stage(stage, root, keys) for stage in stages]
     results: dict[str, StageResult] = {}
     waiting, running = list(stages), {}
     error: BaseException | None = None
-    with ThreadPoolExecutor(parallel, thread_name_prefix="stage") if parallel > 1 else nullcontext() as pool:
+    with ThreadPoolExecutor(parallel, thread_name_prefix="stage") as pool:
         while waiting or running:
             ready = [s for s in waiting if all(a in results for a in s.after)] if error is None else []
             for stage in ready[:parallel - len(running)]:
                 waiting.remove(stage)
-                running[_start(pool, stage, root, keys)] = stage
+                running[pool.submit(_run_stage, stage, root, keys)] = stage
             if not running:
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -93,17 +94,6 @@ def run_stages(stages: Sequence[Stage], root: Path, parallel: int = 1) -> list[S
     if error is not None:
         raise error
     return [results[name] for name in names]
-
-
-def _start(pool: ThreadPoolExecutor | None, stage: Stage, root: Path, keys: dict[str, str]) -> Future:
-    if pool is not None:
-        return pool.submit(_run_stage, stage, root, keys)
-    future: Future = Future()
-    try:
-        future.set_result(_run_stage(stage, root, keys))
-    except BaseException as e:  # noqa: BLE001 - the caller's loop raises it, as for a stage in a thread
-        future.set_exception(e)
-    return future
 
 
 def _run_stage(stage: Stage, root: Path, keys: dict[str, str]) -> StageResult:
